@@ -1,0 +1,608 @@
+"""The ``mailtally`` command: services, admin and reports.
+
+Every command finds its configuration by ``--config``, ``$MAILTALLY_CONFIG`` or
+``./mailtally-data/config.toml``, builds the settings objects and hands them to the
+component it runs. Errors are one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import importlib
+import importlib.util
+import io
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import click
+import sqlite_utils
+
+import config
+import store
+from store import contacts as store_contacts
+from store import deals as store_deals
+from store import users as store_users
+
+FORMATS = click.Choice(["table", "json", "csv"])
+
+
+# --- application context --------------------------------------------------------------------
+
+
+class App:
+    """Lazily loaded settings and database for one CLI invocation."""
+
+    def __init__(self, config_path: Path | None) -> None:
+        self.config_path = config_path or config.default_config_path()
+        self._settings: config.Settings | None = None
+        self._db: sqlite_utils.Database | None = None
+
+    @property
+    def settings(self) -> config.Settings:
+        if self._settings is None:
+            self._settings = config.load(self.config_path)
+        return self._settings
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        if self._db is None:
+            self._db = store.connect(self.settings.db_path, create=False)
+        return self._db
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+class Group(click.Group):
+    """A click group that turns known errors into one line and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except (config.ConfigError, store.StoreError) as exc:
+            fail(str(exc))
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            fail("interrupted", code=130)
+        except Exception as exc:  # never a traceback for the user
+            if os.environ.get("MAILTALLY_DEBUG"):
+                raise
+            fail(f"{type(exc).__name__}: {exc} (set MAILTALLY_DEBUG=1 for details)")
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print one error line and exit."""
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | dict):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def emit(
+    rows: Sequence[dict],
+    fmt: str,
+    columns: Sequence[str] | None = None,
+    *,
+    title: str | None = None,
+    empty: str = "Nothing to show.",
+) -> None:
+    """Print rows as a rich table, JSON (a list of objects) or CSV with a header."""
+    columns = list(columns or (rows[0].keys() if rows else []))
+    if fmt == "json":
+        click.echo(json.dumps(list(rows), indent=2, ensure_ascii=False, default=str))
+        return
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(columns)
+        for r in rows:
+            writer.writerow([_cell(r.get(c)) for c in columns])
+        click.echo(buf.getvalue(), nl=False)
+        return
+    if not rows:
+        click.echo(empty)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False, header_style="bold")
+    for c in columns:
+        table.add_column(c.replace("_", " "), overflow="fold")
+    for r in rows:
+        table.add_row(*[_cell(r.get(c)) for c in columns])
+    Console(soft_wrap=False).print(table)
+
+
+def emit_object(obj: dict, fmt: str) -> None:
+    """Print one record: JSON on request, else key/value lines."""
+    if fmt == "json":
+        click.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+        return
+    width = max(len(k) for k in obj) if obj else 0
+    for key, value in obj.items():
+        click.echo(f"{key.replace('_', ' '):<{width}}  {_cell(value)}")
+
+
+def format_option(f: Callable) -> Callable:
+    return click.option(
+        "--format", "fmt", type=FORMATS, default="table", show_default=True, help="Output format."
+    )(f)
+
+
+# --- root -----------------------------------------------------------------------------------
+
+
+@click.group(cls=Group)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Config file (default: $MAILTALLY_CONFIG or ./mailtally-data/config.toml).",
+)
+@click.version_option(package_name="mailtally")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None) -> None:
+    """mailtally: self-hosted email tracking and CRM logging."""
+    ctx.obj = App(config_path)
+
+
+def write_new_config(directory: Path, force: bool, domain: str) -> Path:
+    """Write ``DIR/config.toml`` (0600) with fresh secrets; refuse to overwrite unless forced."""
+    path = directory / config.CONFIG_NAME
+    if path.exists() and not force:
+        raise config.ConfigError(f"{path} already exists (use --force to overwrite)")
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.chmod(0o700)
+    except OSError:
+        pass
+    text = config.render(config.new_config(domain))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.chmod(path, 0o600)
+    return path
+
+
+def initialise(directory: Path, force: bool = False, domain: str = "localhost") -> config.Settings:
+    """Create config and database in ``directory``; return the loaded settings."""
+    path = write_new_config(directory, force, domain)
+    settings = config.load(path)
+    store.connect(settings.db_path).close()
+    return settings
+
+
+@main.command()
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory for config.toml and data (default: ./mailtally-data).",
+)
+@click.option(
+    "--domain", default="localhost", show_default=True, help="Mail domain of the logging addresses."
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing config.toml.")
+@pass_app
+def init(app: App, directory: Path | None, domain: str, force: bool) -> None:
+    """Write config.toml with fresh secrets and create the database."""
+    directory = directory or (
+        app.config_path.parent if app.config_path else Path(config.DEFAULT_DIR)
+    )
+    settings = initialise(directory, force, domain)
+    click.echo(f"Wrote {settings.config_path} (mode 0600) and {settings.db_path}")
+    click.echo(f"BCC logging address:        {settings.ingest.bcc_address}")
+    click.echo(f"Forwarding logging address: {settings.ingest.forward_address}")
+
+
+def where(settings: config.Settings) -> dict:
+    """Where every part of mailtally lives and listens."""
+    return {
+        "config": str(settings.config_path),
+        "data_dir": str(settings.data_dir),
+        "database": str(settings.db_path),
+        "relay": settings.relay.listen,
+        "relay_tls": settings.relay.tls_listen or None,
+        "ingest": settings.ingest.listen,
+        "tracker": settings.tracker.listen,
+        "tracker_base_url": settings.tracker.base_url,
+        "upstream": settings.relay.upstream,
+        "bcc_address": settings.ingest.bcc_address,
+        "forward_address": settings.ingest.forward_address,
+    }
+
+
+@main.command()
+@format_option
+@pass_app
+def info(app: App, fmt: str) -> None:
+    """Print where everything is: listen addresses, logging addresses, data."""
+    emit_object(where(app.settings), "json" if fmt == "json" else "table")
+
+
+# --- services -------------------------------------------------------------------------------
+
+SERVICES = ("relay", "ingest", "tracker")
+
+
+def available_services() -> list[str]:
+    """The services whose ``<name>.service`` module exists in this build."""
+    return [s for s in SERVICES if importlib.util.find_spec(f"{s}.service") is not None]
+
+
+async def serve(settings: config.Settings, names: Iterable[str]) -> None:
+    """Start the named services, print where each listens, run until SIGINT/SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    running = []
+    try:
+        for name in names:
+            module = importlib.import_module(f"{name}.service")
+            service = await module.start(settings)
+            running.append(service)
+            for line in service.banner():
+                click.echo(line)
+        click.echo("mailtally is running; Ctrl-C to stop.")
+        sys.stdout.flush()
+        await stop.wait()
+        click.echo("Stopping…")
+    finally:
+        for service in reversed(running):
+            await service.stop()
+
+
+def run_services(app: App, names: list[str]) -> None:
+    settings = app.settings
+    store.connect(settings.db_path).close()  # create/upgrade before any service starts
+    if not names:
+        fail("no service is available in this build")
+    try:
+        asyncio.run(serve(settings, names))
+    except OSError as exc:
+        fail(f"cannot start: {exc.strerror or exc}")
+
+
+@main.command()
+@pass_app
+def run(app: App) -> None:
+    """Run relay, ingest and tracker in one process."""
+    if (
+        not app.config_path.exists()
+        and app.config_path == Path(config.DEFAULT_DIR) / config.CONFIG_NAME
+    ):
+        click.echo(f"No configuration found: initialising ./{config.DEFAULT_DIR}")
+        initialise(Path(config.DEFAULT_DIR))
+    run_services(app, available_services())
+
+
+def _service_command(name: str) -> None:
+    @main.command(name=name, help=f"Run the {name} alone.")
+    @pass_app
+    def command(app: App) -> None:
+        if name not in available_services():
+            fail(f"the {name} is not available in this build")
+        run_services(app, [name])
+
+
+for _name in SERVICES:
+    _service_command(_name)
+
+
+# --- users ----------------------------------------------------------------------------------
+
+
+def read_password(from_stdin: bool) -> str | None:
+    """A password from stdin (first line), an interactive prompt, or None when neither."""
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            fail("empty password on stdin")
+        return password
+    if sys.stdin.isatty():
+        return click.prompt("Relay password", hide_input=True, confirmation_prompt=True)
+    return None
+
+
+@main.group()
+def users() -> None:
+    """Users of the account and their addresses."""
+
+
+@users.command("add")
+@click.argument("email")
+@click.option("--name", default="", help="Display name.")
+@click.option("--password-stdin", is_flag=True, help="Read the relay password from stdin.")
+@pass_app
+def users_add(app: App, email: str, name: str, password_stdin: bool) -> None:
+    """Add a user (prompts for the relay password when interactive)."""
+    user = store_users.add_user(app.db, email, name, read_password(password_stdin))
+    click.echo(f"Added user {user['email']}")
+
+
+@users.command("list")
+@format_option
+@pass_app
+def users_list(app: App, fmt: str) -> None:
+    """List users and their defaults."""
+    rows = store_users.list_users(app.db)
+    for r in rows:
+        for k in ("track_opens", "track_clicks", "log_sent", "has_password"):
+            r[k] = bool(r[k])
+    emit(
+        rows,
+        fmt,
+        ["email", "name", "track_opens", "track_clicks", "log_sent", "addresses", "has_password"],
+        empty="No users yet: add one with `mailtally users add EMAIL`.",
+    )
+
+
+@users.command("remove")
+@click.argument("email")
+@pass_app
+def users_remove(app: App, email: str) -> None:
+    """Remove a user (their logged emails stay, unattributed)."""
+    store_users.remove_user(app.db, email)
+    click.echo(f"Removed user {store.addresses.normalize(email)}")
+
+
+@users.command("password")
+@click.argument("email")
+@click.option("--password-stdin", is_flag=True, help="Read the new password from stdin.")
+@pass_app
+def users_password(app: App, email: str, password_stdin: bool) -> None:
+    """Set a user's relay password."""
+    store_users.get_user(app.db, email)
+    password = read_password(password_stdin)
+    if password is None:
+        fail("no password given (use --password-stdin or run interactively)")
+    store_users.set_password(app.db, email, password)
+    click.echo(f"Password set for {store.addresses.normalize(email)}")
+
+
+@users.command("defaults")
+@click.argument("email")
+@click.option("--opens/--no-opens", default=None, help="Track opens by default.")
+@click.option("--clicks/--no-clicks", default=None, help="Track clicks by default.")
+@click.option("--log/--no-log", default=None, help="Log sent mail on contacts by default.")
+@format_option
+@pass_app
+def users_defaults(
+    app: App, email: str, opens: bool | None, clicks: bool | None, log: bool | None, fmt: str
+) -> None:
+    """Show or change a user's tracking and logging defaults."""
+    user = store_users.set_defaults(app.db, email, opens, clicks, log)
+    emit_object(
+        {
+            "user": user["email"],
+            "track_opens": bool(user["track_opens"]),
+            "track_clicks": bool(user["track_clicks"]),
+            "log_sent": bool(user["log_sent"]),
+        },
+        fmt,
+    )
+
+
+@users.group("address")
+def users_address() -> None:
+    """Connect or disconnect a user's addresses."""
+
+
+@users_address.command("add")
+@click.argument("user")
+@click.argument("address")
+@click.option("--kind", type=click.Choice(store_users.KINDS), required=True)
+@pass_app
+def users_address_add(app: App, user: str, address: str, kind: str) -> None:
+    """Connect ADDRESS to USER as personal inbox, alias or team inbox."""
+    added = store_users.add_address(app.db, user, address, kind)
+    click.echo(f"Added {added['kind']} address {added['address']} to {added['user']}")
+
+
+@users_address.command("remove")
+@click.argument("user")
+@click.argument("address")
+@pass_app
+def users_address_remove(app: App, user: str, address: str) -> None:
+    """Disconnect ADDRESS from USER."""
+    store_users.remove_address(app.db, user, address)
+    click.echo(
+        f"Removed {store.addresses.normalize(address)} from {store.addresses.normalize(user)}"
+    )
+
+
+@users_address.command("list")
+@click.argument("user")
+@format_option
+@pass_app
+def users_address_list(app: App, user: str, fmt: str) -> None:
+    """List USER's addresses."""
+    emit(store_users.addresses_of(app.db, store_users.get_user(app.db, user)["id"]), fmt)
+
+
+# --- never-log ------------------------------------------------------------------------------
+
+
+@main.group("never-log")
+def never_log() -> None:
+    """Addresses and @domains that are never logged."""
+
+
+@never_log.command("add")
+@click.argument("entry")
+@pass_app
+def never_log_add(app: App, entry: str) -> None:
+    """Add an address or @domain (covers subdomains)."""
+    click.echo(f"Added {store_contacts.never_log_add(app.db, entry)} to the never-log list")
+
+
+@never_log.command("remove")
+@click.argument("entry")
+@pass_app
+def never_log_remove(app: App, entry: str) -> None:
+    """Remove an entry."""
+    store_contacts.never_log_remove(app.db, entry)
+    click.echo(f"Removed {entry.strip().lower()} from the never-log list")
+
+
+@never_log.command("list")
+@format_option
+@pass_app
+def never_log_list(app: App, fmt: str) -> None:
+    """List the never-log entries."""
+    emit(
+        store_contacts.never_log_list(app.db),
+        fmt,
+        ["entry", "created_at"],
+        empty="The never-log list is empty.",
+    )
+
+
+# --- contacts -------------------------------------------------------------------------------
+
+
+@main.group()
+def contacts() -> None:
+    """Contacts: list, timeline, lawful basis, GDPR erasure."""
+
+
+@contacts.command("list")
+@format_option
+@pass_app
+def contacts_list(app: App, fmt: str) -> None:
+    """List contacts."""
+    emit(store_contacts.list_contacts(app.db), fmt, empty="No contacts yet.")
+
+
+@contacts.command("show")
+@click.argument("email")
+@format_option
+@pass_app
+def contacts_show(app: App, email: str, fmt: str) -> None:
+    """A contact with company, deals and timeline (newest first)."""
+    from store import reports
+
+    detail = reports.contact_detail(app.db, email)
+    if fmt == "json":
+        emit_object(detail, "json")
+        return
+    head = {k: v for k, v in detail.items() if k not in ("deals", "timeline")}
+    head["deals"] = ", ".join(f"{d['name']} ({d['stage']})" for d in detail["deals"]) or "-"
+    emit_object(head, "table")
+    click.echo("")
+    emit(
+        detail["timeline"],
+        fmt,
+        ["at", "kind", "subject", "detail"],
+        title="Timeline",
+        empty="No activity yet.",
+    )
+
+
+@contacts.command("basis")
+@click.argument("email")
+@click.option("--granted", "basis", flag_value="yes", help="A lawful basis exists.")
+@click.option(
+    "--revoked", "basis", flag_value="no", help="No lawful basis (privacy mode logs nothing)."
+)
+@click.option("--unknown", "basis", flag_value="unknown", help="Not known.")
+@pass_app
+def contacts_basis(app: App, email: str, basis: str | None) -> None:
+    """Show or set the GDPR lawful basis of a contact."""
+    if basis is None:
+        click.echo(store_contacts.get_contact(app.db, email)["lawful_basis"])
+        return
+    contact = store_contacts.set_basis(app.db, email, basis)
+    click.echo(f"Lawful basis of {contact['email']}: {contact['lawful_basis']}")
+
+
+@contacts.command("forget")
+@click.argument("email")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_app
+def contacts_forget(app: App, email: str, yes: bool) -> None:
+    """GDPR erasure: delete everything about EMAIL, keep only a one-way hash."""
+    addr = store.addresses.normalize(email)
+    if not store.addresses.is_valid(addr):
+        fail(f"invalid email address: {email!r}")
+    if not yes:
+        if not sys.stdin.isatty():
+            fail("refusing to erase without confirmation (use --yes)")
+        click.confirm(
+            f"Permanently erase {addr} and its emails, events and attachments?", abort=True
+        )
+    summary = store_contacts.forget(app.db, addr, app.settings.data_dir / "attachments")
+    click.echo(
+        f"Erased {addr}: {summary['emails_deleted']} emails deleted, "
+        f"{summary['emails_scrubbed']} scrubbed, {summary['events_deleted']} events deleted"
+    )
+
+
+# --- deals ----------------------------------------------------------------------------------
+
+
+@main.group()
+def deals() -> None:
+    """Deals that logged emails are filed on."""
+
+
+@deals.command("add")
+@click.argument("name")
+@click.option("--contact", "contact_emails", multiple=True, help="Contact email (repeatable).")
+@pass_app
+def deals_add(app: App, name: str, contact_emails: tuple[str, ...]) -> None:
+    """Create an open deal."""
+    deal = store_deals.add_deal(app.db, name, list(contact_emails))
+    click.echo(f"Added deal {deal['id']}: {deal['name']}")
+
+
+@deals.command("link")
+@click.argument("deal")
+@click.argument("contact")
+@pass_app
+def deals_link(app: App, deal: str, contact: str) -> None:
+    """Link CONTACT to DEAL (id or name)."""
+    store_deals.link(app.db, deal, contact)
+    click.echo(f"Linked {store.addresses.normalize(contact)} to deal {deal}")
+
+
+@deals.command("close")
+@click.argument("deal")
+@click.option("--won", "won", flag_value=True, default=None)
+@click.option("--lost", "won", flag_value=False)
+@pass_app
+def deals_close(app: App, deal: str, won: bool | None) -> None:
+    """Close DEAL as won or lost."""
+    if won is None:
+        fail("say --won or --lost")
+    closed = store_deals.close(app.db, deal, won)
+    click.echo(f"Deal {closed['id']} closed as {closed['stage']}")
+
+
+@deals.command("list")
+@format_option
+@pass_app
+def deals_list(app: App, fmt: str) -> None:
+    """List deals."""
+    emit(store_deals.list_deals(app.db), fmt, empty="No deals yet.")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""Inbound logger: BCC and forwarding addresses."""

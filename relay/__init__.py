@@ -1,0 +1,1 @@
+"""Outbound relay: submission server, rewriter, outbox and delivery."""

@@ -1,0 +1,1 @@
+"""Tracker: pixel and click endpoints, verdicts, notifications; owns the token format."""

@@ -1,0 +1,136 @@
+"""Signed, compact tracking tokens and the tracking-URL format.
+
+A token carries everything its endpoint needs, so a click redirects without the database:
+``kind | varint(delivery_id) [| varint(position) | flag | url]`` followed by a 96-bit
+HMAC-SHA256 tag, base64url without padding. The first secret signs; every configured
+secret verifies, so secrets can be rotated without breaking links already sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import zlib
+from dataclasses import dataclass
+
+TAG_BYTES = 12
+OPEN, CLICK, HONEYPOT = b"o", b"c", b"h"
+
+
+@dataclass(frozen=True)
+class Token:
+    """What a verified token says."""
+
+    kind: str  # "open", "click" or "honeypot"
+    delivery_id: int
+    position: int = 0
+    url: str = ""
+
+
+def _varint(n: int) -> bytes:
+    if n < 0:
+        raise ValueError("negative")
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(data) or shift > 56:
+            raise ValueError("truncated")
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        i += 1
+        if not byte & 0x80:
+            return value, i
+        shift += 7
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class Signer:
+    """Mints and verifies tokens with the configured secrets."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        if not secrets:
+            raise ValueError("at least one secret is needed")
+        self._keys = [hashlib.sha256(s.encode()).digest() for s in secrets]
+
+    def _tag(self, key: bytes, payload: bytes) -> bytes:
+        return hmac.new(key, payload, hashlib.sha256).digest()[:TAG_BYTES]
+
+    def _seal(self, payload: bytes) -> str:
+        return _b64(payload + self._tag(self._keys[0], payload))
+
+    def open_token(self, delivery_id: int) -> str:
+        return self._seal(OPEN + _varint(delivery_id))
+
+    def honeypot_token(self, delivery_id: int) -> str:
+        return self._seal(HONEYPOT + _varint(delivery_id))
+
+    def click_token(self, delivery_id: int, position: int, url: str) -> str:
+        raw = url.encode("utf-8")
+        packed = zlib.compress(raw, 9)[2:-4]  # raw deflate: no header, no checksum
+        flag, body = (b"z", packed) if len(packed) < len(raw) else (b"u", raw)
+        return self._seal(CLICK + _varint(delivery_id) + _varint(position) + flag + body)
+
+    def verify(self, token: str) -> Token | None:
+        """The token's content if its tag verifies under any secret, else None."""
+        try:
+            data = _unb64(token)
+        except (ValueError, TypeError):
+            return None
+        if len(data) <= TAG_BYTES + 1:
+            return None
+        payload, tag = data[:-TAG_BYTES], data[-TAG_BYTES:]
+        if not any(hmac.compare_digest(self._tag(k, payload), tag) for k in self._keys):
+            return None
+        try:
+            return _decode(payload)
+        except (ValueError, zlib.error, UnicodeDecodeError):
+            return None
+
+
+def _decode(payload: bytes) -> Token:
+    kind = payload[:1]
+    delivery_id, i = _read_varint(payload, 1)
+    if kind == OPEN and i == len(payload):
+        return Token("open", delivery_id)
+    if kind == HONEYPOT and i == len(payload):
+        return Token("honeypot", delivery_id)
+    if kind != CLICK:
+        raise ValueError("unknown kind")
+    position, i = _read_varint(payload, i)
+    flag, body = payload[i : i + 1], payload[i + 1 :]
+    if flag == b"z":
+        body = zlib.decompress(body, -15)
+    elif flag != b"u":
+        raise ValueError("bad flag")
+    return Token("click", delivery_id, position, body.decode("utf-8"))
+
+
+def open_url(base_url: str, signer: Signer, delivery_id: int) -> str:
+    """``{base_url}/o/{token}.gif``"""
+    return f"{base_url}/o/{signer.open_token(delivery_id)}.gif"
+
+
+def click_url(base_url: str, signer: Signer, delivery_id: int, position: int, url: str) -> str:
+    """``{base_url}/c/{token}``"""
+    return f"{base_url}/c/{signer.click_token(delivery_id, position, url)}"
+
+
+def honeypot_url(base_url: str, signer: Signer, delivery_id: int) -> str:
+    """A link no person sees or clicks; a hit on it marks the client as a machine."""
+    return f"{base_url}/c/{signer.honeypot_token(delivery_id)}"

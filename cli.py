@@ -121,8 +121,9 @@ def emit(
     from rich.table import Table
 
     table = Table(title=title, show_lines=False, header_style="bold")
-    for c in columns:
-        table.add_column(c.replace("_", " "), overflow="fold")
+    for i, c in enumerate(columns):
+        # The first column identifies the row (an address, a name): never fold it.
+        table.add_column(c.replace("_", " "), overflow="fold", no_wrap=i == 0)
     for r in rows:
         table.add_row(*[_cell(r.get(c)) for c in columns])
     Console(soft_wrap=False).print(table)

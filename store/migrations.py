@@ -194,9 +194,37 @@ CREATE INDEX idx_deal_contacts_contact ON deal_contacts(contact_id);
 CREATE INDEX idx_contacts_company ON contacts(company_id);
 """
 
+TRACKER_NOTIFICATIONS = """
+ALTER TABLE events ADD COLUMN caused_by INTEGER REFERENCES events(id) ON DELETE CASCADE;
+CREATE INDEX idx_events_caused_by ON events(caused_by);
+CREATE INDEX idx_events_delivery_at ON events(delivery_id, at);
+CREATE TABLE user_webhooks (
+    id INTEGER PRIMARY KEY,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    url TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    all_hits INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    UNIQUE (user_id, url)
+);
+CREATE TABLE webhook_queue (
+    id INTEGER PRIMARY KEY,
+    webhook_id INTEGER REFERENCES user_webhooks(id) ON DELETE CASCADE,
+    url TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at TEXT NOT NULL,
+    last_error TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX idx_webhook_queue_due ON webhook_queue(status, next_attempt_at);
+"""
+
 MIGRATIONS: list[Migration] = [
     ("0001_core_schema", CORE_SCHEMA),
     ("0002_report_indexes", REPORT_INDEXES),
+    ("tracker_0001_notifications", TRACKER_NOTIFICATIONS),
 ]
 
 

@@ -1,0 +1,58 @@
+"""The durable queue: spool file + row, recovery of orphaned files, RFC 3464 reports."""
+
+from __future__ import annotations
+
+import email
+import os
+from email import policy
+
+from relay import dsn, outbox
+from store import outbox as store_outbox
+
+
+def test_enqueue_writes_spool_file_then_row(settings, db):
+    entry_id = outbox.enqueue(
+        settings, db, "a@x.test", ["b@y.test"], b"Subject: hi\r\n\r\nbody\r\n", None
+    )
+    row = store_outbox.get(db, entry_id)
+    assert row["status"] == "pending" and row["rcpts"] == ["b@y.test"]
+    head, data = outbox.read_spool(row["spool_path"])
+    assert data == b"Subject: hi\r\n\r\nbody\r\n"
+    assert head["mail_from"] == "a@x.test"
+    assert oct(os.stat(row["spool_path"]).st_mode & 0o777) == "0o600"
+
+
+def test_recover_queues_orphaned_spool_files(settings, db):
+    root = outbox.spool_dir(settings)
+    path = outbox.write_spool(root, outbox.Copy("a@x.test", ["c@y.test"], b"X: 1\r\n\r\nz\r\n"))
+    assert outbox.recover(settings, db) == 1
+    assert outbox.recover(settings, db) == 0
+    rows = store_outbox.listing(db)
+    assert [r["spool_path"] for r in rows] == [str(path)]
+
+
+def test_failure_report_is_rfc3464():
+    original = (
+        b"From: a@x.test\r\nSubject: Quarterly\r\nMessage-ID: <m1@x.test>\r\n\r\nsecret body\r\n"
+    )
+    data = dsn.failure_report(
+        reporting_mta="relay.test",
+        to="a@x.test",
+        original=original,
+        recipients=[dsn.FailedRecipient("b@y.test", "5.1.1", "smtp; 550 5.1.1 no such user")],
+        explanation="Your message could not be delivered.",
+    )
+    msg = email.message_from_bytes(data, policy=policy.default)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    parts = list(msg.iter_parts())
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain",
+        "message/delivery-status",
+        "text/rfc822-headers",
+    ]
+    status = parts[1].get_payload()
+    assert status[1]["Final-Recipient"] == "rfc822; b@y.test"
+    assert status[1]["Status"] == "5.1.1"
+    assert b"Subject: Quarterly" in data and b"secret body" not in data
+    assert all(len(line) <= 998 for line in data.split(b"\r\n"))

@@ -256,7 +256,7 @@ def forget(db: sqlite_utils.Database, email: str, attachments_dir: Path | None =
             )
             summary["emails_scrubbed"] += 1
         for table, columns in (
-            ("inbound_log", ("mail_from", "rcpts")),
+            ("inbound_log", ("mail_from", "rcpts", "reasons", "details")),
             ("outbox", ("mail_from", "rcpts")),
         ):
             for column in columns:

@@ -221,10 +221,18 @@ CREATE TABLE webhook_queue (
 CREATE INDEX idx_webhook_queue_due ON webhook_queue(status, next_attempt_at);
 """
 
+INGEST_INBOUND_DETAILS = """
+ALTER TABLE inbound_log ADD COLUMN details TEXT;
+ALTER TABLE inbound_log ADD COLUMN user_id INTEGER REFERENCES users(id) ON DELETE SET NULL;
+CREATE UNIQUE INDEX idx_inbound_spool ON inbound_log(spool_path) WHERE spool_path IS NOT NULL;
+CREATE INDEX idx_attachments_email_sha ON attachments(email_id, sha256);
+"""
+
 MIGRATIONS: list[Migration] = [
     ("0001_core_schema", CORE_SCHEMA),
     ("0002_report_indexes", REPORT_INDEXES),
     ("tracker_0001_notifications", TRACKER_NOTIFICATIONS),
+    ("ingest_0001_inbound_details", INGEST_INBOUND_DETAILS),
 ]
 
 

@@ -605,5 +605,72 @@ def deals_list(app: App, fmt: str) -> None:
     emit(store_deals.list_deals(app.db), fmt, empty="No deals yet.")
 
 
+# --- ingest: explain and inbound log ---------------------------------------------------------
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--as",
+    "as_kind",
+    type=click.Choice(["auto", "bcc", "forward"]),
+    default="auto",
+    show_default=True,
+    help="Treat it as sent to the BCC or the forwarding address (auto: from its headers).",
+)
+@format_option
+@pass_app
+def explain(app: App, file: Path, as_kind: str, fmt: str) -> None:
+    """What the ingest would log for FILE.eml, and why (nothing is stored)."""
+    from ingest import process
+
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        fail(f"cannot read {file}: {exc.strerror or exc}")
+    plan = process.explain(app.settings, app.db, data, as_kind=as_kind)
+    if fmt == "json":
+        emit_object(plan, "json")
+        return
+    emit_object(process.summary(plan), "table")
+    if plan["contacts"]:
+        click.echo("")
+        emit(
+            plan["contacts"],
+            fmt,
+            ["address", "role", "status", "reason", "company", "deals"],
+            title="Contacts",
+        )
+    if plan["attachments"]:
+        click.echo("")
+        emit(
+            plan["attachments"],
+            fmt,
+            ["filename", "content_type", "size", "kept", "reason"],
+            title="Attachments",
+        )
+
+
+@main.command()
+@click.option("--limit", default=50, show_default=True, help="How many entries.")
+@format_option
+@pass_app
+def inbound(app: App, limit: int, fmt: str) -> None:
+    """Recent messages received by the ingest and what was decided for each."""
+    from store import inbound as store_inbound
+
+    entries = store_inbound.recent_inbound(app.db, limit)
+    if fmt != "json":
+        for e in entries:
+            e["reasons"] = "; ".join(e["reasons"])
+            e.pop("details", None)
+    emit(
+        entries,
+        fmt,
+        ["received_at", "kind", "decision", "mail_from", "user", "email_id", "reasons"],
+        empty="Nothing received yet.",
+    )
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

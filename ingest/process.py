@@ -740,26 +740,34 @@ def explain(
 
 def summary(plan: dict) -> dict:
     """A flat, printable view of a decision (for the CLI table)."""
-    fwd = plan.get("forward") or {}
-    return {
+    att = plan.get("attribution") or {}
+    out = {
         "decision": plan.get("decision"),
         "kind": plan.get("kind"),
+        "subject": plan.get("subject"),
         "sender": (plan.get("sender") or {}).get("reason"),
         "authentication": (plan.get("authentication") or {}).get("reason"),
         "content_size": plan.get("content_size"),
-        "forwarded_from": fwd.get("from_address"),
-        "forwarded_subject": fwd.get("subject"),
-        "forwarded_date": fwd.get("date"),
-        "forwarded_to": ", ".join(fwd.get("to", [])) or None,
-        "forwarded_cc": ", ".join(fwd.get("cc", [])) or None,
-        "attribution": (
-            f"{(plan.get('attribution') or {}).get('user') or 'unattributed'}"
-            f" (rule {(plan.get('attribution') or {}).get('rule')}:"
-            f" {(plan.get('attribution') or {}).get('reason')})"
-        ),
-        "duplicate_of": plan.get("duplicate_of"),
-        "reasons": "; ".join(plan.get("reasons", [])),
     }
+    fwd = plan.get("forward")
+    if fwd:
+        out.update(
+            forwarded_format=fwd.get("format"),
+            forwarded_from=" ".join(
+                x for x in (fwd.get("from_name"), f"<{fwd.get('from_address')}>") if x
+            ),
+            forwarded_date=fwd.get("date"),
+            forwarded_subject=fwd.get("subject"),
+            forwarded_to=", ".join(fwd.get("to", [])),
+            forwarded_cc=", ".join(fwd.get("cc", [])),
+        )
+    if att.get("user_id"):
+        out["attribution"] = f"{att.get('user')} (rule {att.get('rule')}: {att.get('reason')})"
+    else:
+        out["attribution"] = f"unattributed ({att.get('reason')})"
+    out["duplicate_of"] = plan.get("duplicate_of")
+    out["reasons"] = "; ".join(plan.get("reasons", []))
+    return out
 
 
 def dumps(plan: dict) -> str:

@@ -358,7 +358,7 @@ class _Walker:
         filename = decode_header_value(filename) if filename else ""
         is_body = ctype in BODY_TYPES and not filename and disposition != "attachment"
         decoder = _decoder(headers.get("Content-Transfer-Encoding", ""))
-        if ctype == "message/rfc822" or ctype.startswith("multipart/"):
+        if ctype.startswith("multipart/"):
             decoder = _Identity()
         if is_body:
             sink: _TextSink | _FileSink = _TextSink(max(self.content_cap - self.content_size, 0))

@@ -579,7 +579,9 @@ async def test_explain_stores_nothing_and_inbound_lists(ingest, db, alice, setti
     assert (
         "contact x@lawyers.com skipped: on the never-log list (@lawyers.com)" in listed["reasons"]
     )
-    res = runner.invoke(cli.main, ["--config", str(settings.config_path), "inbound", "--format", "csv"])
+    res = runner.invoke(
+        cli.main, ["--config", str(settings.config_path), "inbound", "--format", "csv"]
+    )
     assert res.exit_code == 0 and ",bcc,logged,alice@acme.io,alice@acme.io," in res.output
     res = runner.invoke(cli.main, ["--config", str(settings.config_path), "inbound"])
     assert res.exit_code == 0 and "┃" in res.output

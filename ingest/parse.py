@@ -259,6 +259,31 @@ def _boundary_hit(line: bytes, boundaries: list[bytes]) -> bytes | None:
     return None
 
 
+def _hget(headers: Message, name: str) -> str:
+    """A header as str (compat32 returns Header objects for raw 8-bit values)."""
+    value = headers.get(name)
+    if value is None:
+        return ""
+    try:
+        return str(value)
+    except Exception:
+        return ""
+
+
+def _content_type(headers: Message) -> str:
+    try:
+        return headers.get_content_type()
+    except Exception:
+        return "application/octet-stream"
+
+
+def _charset(headers: Message) -> str | None:
+    try:
+        return headers.get_content_charset()
+    except Exception:
+        return None
+
+
 def _is_close(line: bytes) -> bool:
     return line.rstrip().endswith(b"--")
 
@@ -299,10 +324,11 @@ class _Walker:
             self.result = ParsedMail(headers=headers)
         if terminator is not None:
             return terminator
-        ctype = headers.get_content_type()
-        boundary = (
-            headers.get_param("boundary") if headers.get_content_maintype() == "multipart" else None
-        )
+        ctype = _content_type(headers)
+        try:
+            boundary = headers.get_param("boundary") if ctype.startswith("multipart/") else None
+        except Exception:
+            boundary = None
         if isinstance(boundary, tuple):
             boundary = email.utils.collapse_rfc2231_value(boundary)
         if boundary and depth < _MAX_DEPTH:
@@ -350,14 +376,14 @@ class _Walker:
     def leaf(
         self, lines: _Lines, boundaries: list[bytes], headers: Message, ctype: str
     ) -> bytes | None:
-        disposition = (headers.get("Content-Disposition") or "").split(";")[0].strip().lower()
+        disposition = _hget(headers, "Content-Disposition").split(";")[0].strip().lower()
         try:
             filename = headers.get_filename()
         except Exception:
             filename = None
         filename = decode_header_value(filename) if filename else ""
         is_body = ctype in BODY_TYPES and not filename and disposition != "attachment"
-        decoder = _decoder(headers.get("Content-Transfer-Encoding", ""))
+        decoder = _decoder(_hget(headers, "Content-Transfer-Encoding"))
         if ctype.startswith("multipart/"):
             decoder = _Identity()
         if is_body:
@@ -390,7 +416,7 @@ class _Walker:
                 sink.close()
         if isinstance(sink, _TextSink):
             self.content_size += sink.size
-            self.texts.append((ctype, sink, headers.get_content_charset()))
+            self.texts.append((ctype, sink, _charset(headers)))
         else:
             dropped = None
             if sink.path is None:

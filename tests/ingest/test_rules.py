@@ -544,10 +544,13 @@ async def test_explain_stores_nothing_and_inbound_lists(ingest, db, alice, setti
     msg = message(to="bob@customer.com", cc="x@lawyers.com", attachments=[("a.pdf", b"%PDF")])
     path = tmp_path / "m.eml"
     path.write_bytes(msg.as_bytes())
-    counts = lambda: [
-        db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-        for t in ("emails", "contacts", "inbound_log", "attachments", "companies")
-    ]  # noqa: E731
+
+    def counts():
+        return [
+            db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+            for t in ("emails", "contacts", "inbound_log", "attachments", "companies")
+        ]
+
     before = counts()
     runner = CliRunner()
     res = runner.invoke(

@@ -229,8 +229,8 @@ def _forward_from_attachment(mail: ParsedMail, tmp_dir: Path, settings: config.S
             cc=forwarded.parse_address_list(inner.header("Cc")),
             body=text,
             note=mail.text,
-        ), inner.header("Message-ID") or None
-    return None, None
+        ), (inner.header("Message-ID") or None, inner.header("In-Reply-To") or None)
+    return None, (None, None)
 
 
 def decide(
@@ -340,14 +340,15 @@ def decide(
     if kind == "forward" and not refuse:
         result = forwarded.parse_bodies(mail.text, mail.html, subject)
         fwd = result.forwarded
-        inner_mid = None
+        inner_mid = in_reply_to = None
         if fwd is None:
-            fwd, inner_mid = _forward_from_attachment(mail, tmp_dir, settings)
+            fwd, (inner_mid, in_reply_to) = _forward_from_attachment(mail, tmp_dir, settings)
         if fwd is None:
             refuse.append(result.reason or "unrecognised forward format")
         else:
             plan["forward"] = fwd.as_dict()
             plan["forward"]["message_id"] = inner_mid
+            plan["forward"]["in_reply_to"] = in_reply_to
             if not fwd.from_address:
                 refuse.append("the forwarded original has no sender address")
             else:
@@ -625,8 +626,12 @@ def _record_reply(db: sqlite_utils.Database, plan: dict, fwd: dict, at: str) -> 
     contact = next((c for c in plan["contacts"] if c.get("contact_id")), None)
     if contact is None:
         return
+    in_reply_to = fwd.get("in_reply_to")
     tracked = store_inbound.tracked_email_for_reply(
-        db, contact["address"], forwarded.strip_prefixes(fwd.get("subject") or ""), None
+        db,
+        contact["address"],
+        forwarded.strip_prefixes(fwd.get("subject") or ""),
+        emails.message_key(in_reply_to, b"") if in_reply_to else None,
     )
     if not tracked:
         return

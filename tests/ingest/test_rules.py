@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import os
+import tracemalloc
 from email.message import EmailMessage
 from email.utils import make_msgid
 
@@ -300,30 +301,25 @@ async def test_50_mb_attachment_dropped_with_bounded_memory(ingest, db, alice, s
     data = msg.as_bytes()
     del msg
 
-    def rss_kb() -> int:
-        for line in open(f"/proc/{os.getpid()}/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        return 0
-
-    before = rss_kb()
-    spool.submit_local(settings, "alice@acme.io", [settings.ingest.bcc_address], data, {})
     size = len(data)
-    del data
-    e = await entry_for(
-        db,
-        (await wait_for(lambda: store_inbound.recent_inbound(db, 1)))[0]["message_id"],
-        timeout=120,
-    )
+    tracemalloc.start()
+    try:
+        spool.submit_local(settings, "alice@acme.io", [settings.ingest.bcc_address], data, {})
+        del data
+        entries = await wait_for(lambda: store_inbound.recent_inbound(db, 1), timeout=120)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    e = entries[0]
     assert e["decision"] == "logged"
     assert [a["filename"] for a in store_inbound.attachments_of(db, e["email_id"])] == ["small.bin"]
     assert any("big.bin" in line for line in e["details"]["notice"])
-    growth_mb = (rss_kb() - before) / 1024
-    # The message (≈68 MB) was already in memory in this test process; parsing whole would
-    # add several times its size. Streaming adds little.
-    assert growth_mb < size / 1e6, (
-        f"peak RSS grew {growth_mb:.0f} MB for a {size / 1e6:.0f} MB message"
+    # Parsing whole would hold the message several times over (615 MB for 71 MB in
+    # PERFORMANCE-NOTES); streaming keeps the worker's allocations to a few MB.
+    print(
+        f"\n50 MB attachment: {size / 1e6:.0f} MB message, peak traced allocation {peak / 1e6:.1f} MB"
     )
+    assert peak < 16e6
     assert notices_to(db, settings, "alice@acme.io")
 
 

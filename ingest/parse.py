@@ -30,6 +30,8 @@ from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import BinaryIO
 
+from mailparser import utils as mailparser_utils
+
 _HEADER_PARSER = BytesHeaderParser(policy=email.policy.compat32)
 _MAX_HEADER_BYTES = 1 << 20
 _MAX_LINE = 1 << 20
@@ -76,16 +78,24 @@ class ParsedMail:
 
 
 def decode_header_value(value: object) -> str:
-    """RFC 2047 words decoded; anything unreadable degrades to its raw text."""
+    """RFC 2047 words decoded; anything unreadable degrades to its raw text.
+
+    mail-parser's decoder is used here because it is more tolerant than the stdlib's
+    ``make_header``: an encoded word in an unknown charset spoils only itself.
+    """
     if value is None:
         return ""
-    raw = str(value)
     try:
-        return str(email.header.make_header(email.header.decode_header(raw)))
-    except (LookupError, UnicodeError, ValueError, email.errors.HeaderParseError):
-        return raw
-    except Exception:  # compat32 header objects can fail in odd ways on garbage
-        return raw
+        raw = str(value)
+    except Exception:  # a compat32 Header built from undecodable bytes
+        return ""
+    try:
+        return mailparser_utils.decode_header_part(raw).replace("\x00", "")
+    except Exception:
+        try:
+            return str(email.header.make_header(email.header.decode_header(raw)))
+        except Exception:
+            return raw
 
 
 def decode_text(data: bytes, charset: str | None) -> str:

@@ -50,3 +50,56 @@ async def test_every_corpus_message_logged_or_explained(ingest, db, settings, tm
     # Still alive and well.
     msg = message(sender=next(iter(users.list_users(db)))["email"])
     assert (await deliver(ingest, db, msg))["decision"] in ("logged", "not_logged")
+
+
+def _nested(depth: int) -> bytes:
+    head = b""
+    tail = b""
+    for i in range(depth):
+        head += f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n'.encode()
+        tail = f"\r\n--b{i}--\r\n".encode() + tail
+    return head + b"Content-Type: text/plain\r\n\r\ndeep inside" + tail
+
+
+async def test_hostile_messages_logged_or_explained(ingest, db, alice, settings):
+    base = (
+        "From: alice@acme.io\r\nTo: bob@customer.com\r\nSubject: {s}\r\nMessage-ID: <{s}@t>\r\n"
+        "MIME-Version: 1.0\r\n"
+    )
+    cases = {
+        "long-line": (base + "Content-Type: text/plain\r\n\r\n").encode()
+        + b"x" * 1_000_000
+        + b"\r\n",
+        "nul-bytes": (base + "Content-Type: text/plain\r\n\r\n").encode() + b"a\x00b\x00c\r\n",
+        "unknown-charset": (base + "Content-Type: text/plain; charset=x-klingon\r\n\r\n").encode()
+        + b"\xff\xfe caf\xe9\r\n",
+        "broken-html": (base + "Content-Type: text/html\r\n\r\n").encode()
+        + b"<html><body><table><tr><td><a href='x>unclosed <b><i></div></p>\r\n",
+        "deep-nesting": base.format(s="deep-nesting").encode() + _nested(200),
+        "bad-base64": (
+            base + "Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        ).encode()
+        + b"SGVsbG8*gd29y!bGQ=\r\n=====\r\n",
+        "no-body": base.encode().rstrip(b"\r\n"),
+    }
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=ingest.port, timeout=60)
+    await smtp.connect()
+    try:
+        for name, raw in cases.items():
+            raw = raw.replace(b"{s}", name.encode())
+            await smtp.sendmail("alice@acme.io", [settings.ingest.bcc_address], raw)
+    finally:
+        await smtp.quit()
+    for name in cases:
+        (entry,) = await wait_for(
+            lambda n=name: store_inbound.inbound_by_message_id(db, f"<{n}@t>")
+        )
+        assert entry["decision"] == "logged", (name, entry["reasons"])
+    email = store_inbound.email_row(
+        db, store_inbound.inbound_by_message_id(db, "<deep-nesting@t>")[0]["email_id"]
+    )
+    assert email is not None
+    nul = store_inbound.email_row(
+        db, store_inbound.inbound_by_message_id(db, "<nul-bytes@t>")[0]["email_id"]
+    )
+    assert nul["text_body"].strip() == "abc"

@@ -149,19 +149,39 @@ def attribute(owners: list[dict], relay_user_id: int | None) -> dict:
     return {"user_id": None, "rule": None, "reason": "undecided: no user has the sending address"}
 
 
-def _sent_at(*values: str | None) -> str:
-    for v in values:
-        if not v:
-            continue
+_DATEPARSER = {"RETURN_AS_TIMEZONE_AWARE": True, "TO_TIMEZONE": "UTC", "PREFER_DATES_FROM": "past"}
+
+
+def parse_date(value: str | None) -> str | None:
+    """A date as mail clients write it: RFC 5322, or localised ("26. Oktober 2021 um
+    14:25", "mer. 27 oct. 2021 à 09:31") through dateparser; None when unreadable."""
+    if not value or len(value) > 200:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        parsed = None
+    if parsed is None:
         try:
-            parsed = email.utils.parsedate_to_datetime(v)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            continue
-        if parsed is not None:
-            try:
-                return to_iso(parsed)
-            except (ValueError, OverflowError):
-                continue
+            import dateparser
+
+            parsed = dateparser.parse(value, settings=_DATEPARSER)
+        except Exception:
+            parsed = None
+    if parsed is None:
+        return None
+    try:
+        return to_iso(parsed)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _sent_at(*values: str | None) -> str:
+    """The first readable date (the original's, then the outer message's), else now."""
+    for v in values:
+        found = parse_date(v)
+        if found:
+            return found
     return now_iso()
 
 

@@ -207,6 +207,7 @@ async def test_own_client_fixtures(ingest, db, alice, settings, client, mode):
     email = store_inbound.email_row(db, entry["email_id"])
     assert email["source"] == "forward" and email["user_id"] == alice["id"]
     assert email["from_addr"] == "jane.roe@prospect.com"
+    assert email["sent_at"].startswith("2026-11-23T0")  # the original's date, not the forward's
     assert "Alice" in email["text_body"] and "Sent from my" not in email["text_body"]
     assert {c["email"] for c in store_inbound.email_contacts_of(db, entry["email_id"])} == {
         "jane.roe@prospect.com"

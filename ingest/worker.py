@@ -104,6 +104,11 @@ class Worker:
         )
         try:
             process.process(self.settings, db, inbound)
+        except sqlite3.IntegrityError:
+            # Another ingest process filed this very entry first (unique spool id).
+            if store_inbound.processed_entry(db, entry.id):
+                spool.remove(entry)
+            return False
         except sqlite3.OperationalError as exc:
             # Locked or busy database: leave the entry, try again at the next round.
             log.warning("ingest: will retry %s: %s", entry.id, exc)

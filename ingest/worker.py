@@ -104,16 +104,17 @@ class Worker:
         )
         try:
             process.process(self.settings, db, inbound)
-        except sqlite3.IntegrityError:
-            # Another ingest process filed this very entry first (unique spool id).
-            if store_inbound.processed_entry(db, entry.id):
-                spool.remove(entry)
-            return False
         except sqlite3.OperationalError as exc:
             # Locked or busy database: leave the entry, try again at the next round.
             log.warning("ingest: will retry %s: %s", entry.id, exc)
             return False
         except Exception as exc:  # bad input must be explained, never crash or loop
+            if isinstance(exc, sqlite3.IntegrityError) and store_inbound.processed_entry(
+                db, entry.id
+            ):
+                # Another ingest process filed this very entry first (unique spool id).
+                spool.remove(entry)
+                return False
             log.exception("ingest: cannot process %s", entry.id)
             try:
                 process.failed(self.settings, db, inbound, f"{type(exc).__name__}: {exc}")

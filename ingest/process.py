@@ -270,6 +270,8 @@ def decide(
     sender_name, sender = from_pairs[0] if from_pairs else ("", "")
     envelope_sender = addresses.normalize(inbound.mail_from or "")
     relay_user_id = inbound.meta.get("user_id")
+    if not isinstance(relay_user_id, int) or users.user_by_id(db, relay_user_id) is None:
+        relay_user_id = None  # unknown (e.g. removed meanwhile): decide by the rules
     plan: dict = {
         "kind": kind,
         "message_id": message_id,

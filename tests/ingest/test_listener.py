@@ -161,3 +161,9 @@ async def test_sigkill_after_250_logged_once_after_restart(settings, db, alice, 
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def test_mailtally_run_includes_the_ingest():
+    import cli
+
+    assert "ingest" in cli.available_services()

@@ -56,3 +56,50 @@ def test_failure_report_is_rfc3464():
     assert status[1]["Status"] == "5.1.1"
     assert b"Subject: Quarterly" in data and b"secret body" not in data
     assert all(len(line) <= 998 for line in data.split(b"\r\n"))
+
+
+def test_sent_rows_for_the_tracker(db):
+    from store import contacts, sent
+
+    contacts.ensure_contact(db, "known@y.test")
+    email_id, created = sent.record_email(
+        db,
+        message_key="mid:m1@x.test",
+        message_id="<m1@x.test>",
+        user_id=None,
+        from_addr="a@x.test",
+        to_addrs=["known@y.test"],
+        cc_addrs=[],
+        subject="Hi",
+        track_opens=True,
+        track_clicks=True,
+        untracked_reason=None,
+    )
+    assert created
+    assert sent.record_email(
+        db,
+        message_key="mid:m1@x.test",
+        message_id="<m1@x.test>",
+        user_id=None,
+        from_addr="a@x.test",
+        to_addrs=[],
+        cc_addrs=[],
+        subject="Hi",
+        track_opens=True,
+        track_clicks=True,
+        untracked_reason=None,
+    ) == (email_id, False)
+    d1 = sent.add_delivery(db, email_id, "Known@y.test")
+    d2 = sent.add_delivery(db, email_id, None, shared=True)
+    sent.add_links(db, email_id, [(1, "https://a.test/"), (2, "https://b.test/")])
+    sent.add_links(db, email_id, [(1, "https://a.test/")])
+    rows = sent.deliveries_of(db, email_id)
+    assert [(r["id"], r["recipient"], r["shared"]) for r in rows] == [
+        (d1, "known@y.test", 0),
+        (d2, None, 1),
+    ]
+    assert rows[0]["contact_id"] is not None and rows[1]["contact_id"] is None
+    assert [(r["position"], r["url"]) for r in sent.links_of(db, email_id)] == [
+        (1, "https://a.test/"),
+        (2, "https://b.test/"),
+    ]

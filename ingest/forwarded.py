@@ -350,7 +350,7 @@ def _has_forward_word(text: str) -> bool:
 def _prefixes(subject: str) -> list[str]:
     """Leading ``Xx:`` prefixes of a subject, lower-cased (``Fwd: Re: x`` → [fwd, re])."""
     found = []
-    rest = subject.strip()
+    rest = re.sub(r"^(\s*\[[^\]]{1,20}\])+", "", subject).strip()  # [EXT], [External]
     while True:
         m = re.match(r"^\s*\[?([^\s:：\[\]]{1,12}?)\]?\s*(?:\[\d+\])?\s*[:：]\s*", rest)
         if not m:
@@ -402,7 +402,7 @@ def parse_mailbox(value: str) -> tuple[str | None, str | None]:
     value = _clean_mailto(value or "").strip()
     value = re.split(r"\s+on behalf of\s+|\s+im Auftrag von\s+|\s+de la part de\s+", value)[0]
     addr_match = _EMAIL.search(value)
-    address = addr_match.group(0).lower() if addr_match else None
+    address = addr_match.group(0).strip("'").lower() if addr_match else None
     name = value
     if addr_match:
         name = value[: addr_match.start()]
@@ -419,7 +419,7 @@ def parse_address_list(value: str) -> list[str]:
     """Addresses in order, duplicates (``a@x <a@x>``) removed."""
     out: list[str] = []
     for m in _EMAIL.finditer(_clean_mailto(value or "")):
-        addr = m.group(0).lower()
+        addr = m.group(0).strip("'").lower()
         if addr not in out:
             out.append(addr)
     return out
@@ -603,7 +603,7 @@ def _from_attribution(lines: list[str], outer_subject: str) -> Result | None:
         fwd = Forwarded(
             format="attribution-line",
             from_name=name,
-            from_address=addr.group(0).lower() if addr else None,
+            from_address=addr.group(0).strip("'").lower() if addr else None,
             date=date.group(0) if date else None,
             subject=fields["subject"] or None,
             body=_dedent(

@@ -448,9 +448,14 @@ def decide(
     )
     plan["attribution"]["user"] = user["email"] if user else None
 
-    if notice_lines:
+    trusted_sender = plan["sender"]["ok"] and (plan.get("authentication") or {"ok": True})["ok"]
+    if notice_lines and trusted_sender:
+        # Only to a verified user: a notice to anyone else would be backscatter.
         plan["notice"] = notice_lines
     if refuse:
+        for a in plan["attachments"]:
+            if a["kept"]:
+                a["kept"], a["reason"] = False, "the email is not logged"
         plan["decision"] = "not_logged"
         reasons[:0] = refuse
     else:

@@ -584,3 +584,12 @@ async def test_explain_stores_nothing_and_inbound_lists(ingest, db, alice, setti
     assert res.exit_code == 0 and ",bcc,logged,alice@acme.io,alice@acme.io," in res.output
     res = runner.invoke(cli.main, ["--config", str(settings.config_path), "inbound"])
     assert res.exit_code == 0 and "┃" in res.output
+
+
+async def test_no_notice_to_a_non_user(ingest, db, alice, settings):
+    raw, mid = raw_with_body(settings.ingest.max_content_size + 1, sender="stranger@else.org")
+    await send(ingest, "stranger@else.org", [settings.ingest.bcc_address], raw)
+    entry = await entry_for(db, mid)
+    assert entry["decision"] == "not_logged"
+    assert "not a user" in entry["reasons"][0]
+    assert notices_to(db, settings, "stranger@else.org") == []

@@ -639,6 +639,8 @@ def _file_email(
         c["status"] = "created" if made else "existing"
         c["deals"] = deals.recent_open_deals(db, contact["id"])
         store_inbound.link_contact(db, email_id, contact["id"], c["role"], c["deals"])
+        if kind == "relay":
+            store_inbound.link_deliveries(db, email_id, contact["id"], c["address"])
     for att in mail.attachments:
         if att.dropped is None and att.sha256:
             store_inbound.add_attachment(

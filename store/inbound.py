@@ -124,6 +124,18 @@ def link_contact(
             )
 
 
+def link_deliveries(
+    db: sqlite_utils.Database, email_id: int, contact_id: int, address: str
+) -> None:
+    """Relay-sent mail: the copies addressed to this contact now know their contact."""
+    with transaction(db):
+        db.execute(
+            """UPDATE deliveries SET contact_id = ? WHERE email_id = ? AND lower(recipient) = ?
+               AND contact_id IS NULL""",
+            [contact_id, email_id, address.lower()],
+        )
+
+
 def add_attachment(
     db: sqlite_utils.Database,
     email_id: int,

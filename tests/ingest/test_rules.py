@@ -454,6 +454,12 @@ async def test_relay_hand_off_files_contacts_on_existing_row(ingest, db, alice, 
             "html_body": None,
         },
     )
+    relay_email_id = store_inbound.email_by_key(db, key)["id"]
+    db.execute(
+        "INSERT INTO deliveries (email_id, recipient, created_at) VALUES (?, 'bob@customer.com', ?)",
+        [relay_email_id, "2026-11-23T10:00:00+00:00"],
+    )
+    db.conn.commit()
     msg = message(sender="shared@gmail.com", message_id=mid, attachments=[("a.txt", b"hello")])
     spool.submit_local(
         settings,
@@ -468,6 +474,13 @@ async def test_relay_hand_off_files_contacts_on_existing_row(ingest, db, alice, 
     assert store_inbound.count_emails(db) == 1
     assert set(contacts_of(db, e["email_id"])) == {"bob@customer.com", "zoe@other.org"}
     assert [a["filename"] for a in store_inbound.attachments_of(db, e["email_id"])] == ["a.txt"]
+    bob = contacts.get_contact(db, "bob@customer.com")
+    assert (
+        db.execute(
+            "SELECT contact_id FROM deliveries WHERE email_id = ?", [relay_email_id]
+        ).fetchone()[0]
+        == bob["id"]
+    )
 
 
 # --- attribution ----------------------------------------------------------------------------

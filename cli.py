@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import datetime
 import importlib
 import importlib.util
 import io
@@ -16,7 +17,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import click
@@ -497,24 +498,63 @@ def contacts_list(app: App, fmt: str) -> None:
 @format_option
 @pass_app
 def contacts_show(app: App, email: str, fmt: str) -> None:
-    """A contact with company, deals and timeline (newest first)."""
+    """A contact: company, deals, lawful basis, engagement, and its timeline (newest first)."""
     from store import reports
 
     detail = reports.contact_detail(app.db, email)
     if fmt == "json":
         emit_object(detail, "json")
         return
-    head = {k: v for k, v in detail.items() if k not in ("deals", "timeline")}
-    head["deals"] = ", ".join(f"{d['name']} ({d['stage']})" for d in detail["deals"]) or "-"
-    emit_object(head, "table")
+    if fmt == "csv":
+        emit(detail["timeline"], "csv", ["at", "kind", "subject", "detail", "message_id"])
+        return
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    deals = ", ".join(f"{d['name']} ({d['stage']})" for d in detail["deals"]) or "-"
+    company = detail["company_name"] or detail["company"] or "-"
+    if detail["company"] and detail["company_name"] not in (None, detail["company"]):
+        company += f" ({detail['company']})"
+    head = {
+        "contact": f"{detail['name']} <{detail['email']}>" if detail["name"] else detail["email"],
+        "company": company,
+        "deals": deals,
+        "lawful basis": detail["lawful_basis"],
+        "emails": f"{detail['emails']} · opens {detail['opens']} · clicks {detail['clicks']}"
+        f" · replies {detail['replies']}",
+    }
+    for key in ("last_open_at", "last_click_at", "last_reply_at", "last_engagement_at"):
+        value = detail[key]
+        head[key[:-3].replace("_", " ")] = (
+            f"{local_time(value)} ({relative_time(value)})" if value else "never"
+        )
+    width = max(len(k) for k in head)
+    for key, value in head.items():
+        click.echo(f"{key:<{width}}  {value}")
     click.echo("")
-    emit(
-        detail["timeline"],
-        fmt,
-        ["at", "kind", "subject", "detail"],
-        title="Timeline",
-        empty="No activity yet.",
-    )
+    if not detail["timeline"]:
+        click.echo("No activity yet.")
+        return
+    labels = {
+        "sent": "sent",
+        "logged": "logged",
+        "open": "opened",
+        "click": "clicked",
+        "reply": "replied",
+    }
+    table = Table(title="Timeline (newest first)", box=box.SIMPLE_HEAD, header_style="bold")
+    table.add_column("When", no_wrap=True)
+    table.add_column("What", no_wrap=True)
+    table.add_column("Email", ratio=1, overflow="fold")
+    table.add_column("Detail", ratio=1, overflow="fold")
+    for t in detail["timeline"]:
+        what = labels.get(t["kind"], t["kind"])
+        detail_text = t["detail"]
+        if t["kind"] == "click":
+            detail_text = detail_text.split("://", 1)[-1]
+        table.add_row(when(t["at"]), what, t["subject"] or "(no subject)", detail_text)
+    Console(soft_wrap=False).print(table)
 
 
 @contacts.command("basis")
@@ -669,6 +709,469 @@ def inbound(app: App, limit: int, fmt: str) -> None:
         fmt,
         ["received_at", "kind", "decision", "mail_from", "user", "email_id", "reasons"],
         empty="Nothing received yet.",
+    )
+
+
+# --- reports --------------------------------------------------------------------------------
+# Human hits only unless --all-hits; JSON times are the stored UTC ISO 8601 with offset,
+# tables show local time and relative dates. The JSON shapes are documented in the README.
+
+
+def local_time(value: str | None, now: datetime.datetime | None = None) -> str:
+    """A stored time as a short local time ("Nov 23 14:02"), '' for None."""
+    if not value:
+        return ""
+    moment = datetime.datetime.fromisoformat(value).astimezone()
+    now = now or datetime.datetime.now().astimezone()
+    if moment.year != now.year:
+        return f"{moment:%Y-%m-%d %H:%M}"
+    return f"{moment:%b %d %H:%M}"
+
+
+def relative_time(value: str | None, now: datetime.datetime | None = None) -> str:
+    """How long ago, as people say it: "just now", "5 min ago", "2 h ago", "3 d ago"."""
+    if not value:
+        return ""
+    moment = datetime.datetime.fromisoformat(value)
+    now = now or datetime.datetime.now(datetime.UTC)
+    seconds = (now - moment).total_seconds()
+    if seconds < 0:
+        return "in the future"
+    if seconds < 60:
+        return "just now"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min ago"
+    if seconds < 86400:
+        return f"{int(seconds // 3600)} h ago"
+    if seconds < 2 * 86400:
+        return "yesterday"
+    if seconds < 60 * 86400:
+        return f"{int(seconds // 86400)} d ago"
+    return f"{int(seconds // (30 * 86400))} mo ago"
+
+
+def when(value: str | None) -> str:
+    """Local time and how long ago, for tables."""
+    return f"{local_time(value)}\n{relative_time(value)}" if value else ""
+
+
+def with_progress(items: Iterable, total: int, label: str) -> Iterator:
+    """Yield ``items``; once the work has taken more than a second, show a progress bar on
+    stderr (a terminal; ``MAILTALLY_PROGRESS=1`` forces it, ``MAILTALLY_PROGRESS_AFTER``
+    changes the delay) so that a long export is not mistaken for a hang."""
+    import time
+
+    forced = os.environ.get("MAILTALLY_PROGRESS") == "1"
+    show = forced or sys.stderr.isatty()
+    after = float(os.environ.get("MAILTALLY_PROGRESS_AFTER", "1"))
+    start = time.monotonic()
+    progress = task = None
+    try:
+        for i, item in enumerate(items):
+            if i % 500 == 0 and show:
+                if progress is None and time.monotonic() - start >= after:
+                    from rich.console import Console
+                    from rich.progress import Progress
+
+                    progress = Progress(console=Console(stderr=True, force_terminal=forced or None))
+                    progress.start()
+                    task = progress.add_task(label, total=total)
+                if progress is not None:
+                    progress.update(task, completed=i)
+            yield item
+        if progress is not None:
+            progress.update(task, completed=total)
+    finally:
+        if progress is not None:
+            progress.stop()
+
+
+def report_filter(
+    since: str | None,
+    until: str | None,
+    user: str | None,
+    contact: str | None = None,
+    tracked: bool | None = None,
+):
+    from store import reports
+
+    return reports.Filter(
+        since=reports.parse_when(since) if since else None,
+        until=reports.parse_when(until, end=True) if until else None,
+        user=user,
+        contact=contact,
+        tracked=tracked,
+    )
+
+
+def period_options(f: Callable) -> Callable:
+    f = click.option("--user", metavar="EMAIL", help="Only this user's emails (account email).")(f)
+    f = click.option(
+        "--until", metavar="DATE", help="Up to this day (YYYY-MM-DD, included) or ISO datetime."
+    )(f)
+    f = click.option(
+        "--since", metavar="DATE", help="From this day (YYYY-MM-DD, local) or ISO datetime."
+    )(f)
+    return f
+
+
+def all_hits_option(f: Callable) -> Callable:
+    return click.option(
+        "--all-hits", is_flag=True, help="Also count machine and self hits, with their reasons."
+    )(f)
+
+
+def _empty_message(what: str, filt) -> str:
+    filtered = any(
+        v is not None for v in (filt.since, filt.until, filt.user, filt.contact, filt.tracked)
+    )
+    return f"No {what} match these filters." if filtered else f"No {what} yet."
+
+
+@main.group()
+def report() -> None:
+    """Reports: emails, links, users (human hits only unless --all-hits)."""
+
+
+def _others_text(obj: dict) -> str:
+    """ "machine 3 (apple_mpp 2, scanner_ua 1) · self 1" for --all-hits tables."""
+    parts = []
+    for verdict in ("machine", "self"):
+        other = obj.get(verdict)
+        if other and other["opens"] + other["clicks"]:
+            reasons = ", ".join(f"{k} {v}" for k, v in other["reasons"].items())
+            parts.append(f"{verdict} {other['opens'] + other['clicks']} ({reasons})")
+    return " · ".join(parts)
+
+
+def has_hits(obj: dict, all_hits: bool) -> bool:
+    """Whether a recipient/Someone has hits worth a line (machine/self ones with --all-hits)."""
+    verdicts = ("machine", "self") if all_hits else ()
+    return bool(obj["opens"] or obj["clicks"]) or any(
+        obj[v]["opens"] or obj[v]["clicks"] for v in verdicts
+    )
+
+
+EMAIL_CSV = [
+    "message_id",
+    "sent_at",
+    "user",
+    "source",
+    "subject",
+    "tracked_opens",
+    "tracked_clicks",
+    "untracked_reason",
+    "recipient",
+    "opens",
+    "clicks",
+    "first_open_at",
+    "last_open_at",
+    "inferred_open",
+    "replied",
+]
+EMAIL_CSV_ALL = [
+    "machine_opens",
+    "machine_clicks",
+    "machine_reasons",
+    "self_opens",
+    "self_clicks",
+    "self_reasons",
+]
+
+
+def email_csv_rows(entry: dict, all_hits: bool) -> list[list]:
+    """One CSV row per recipient (and one for "Someone" when it has hits)."""
+    base = [
+        entry["message_id"],
+        entry["sent_at"],
+        entry["user"],
+        entry["source"],
+        entry["subject"],
+        entry["tracked"]["opens"],
+        entry["tracked"]["clicks"],
+        entry["untracked_reason"],
+    ]
+    people = list(entry["recipients"])
+    if has_hits(entry["someone"], all_hits):
+        people.append({**entry["someone"], "address": "Someone"})
+    if not people:
+        zero = {"opens": 0, "clicks": 0, "reasons": {}}
+        people.append({"address": "", "opens": 0, "clicks": 0, "machine": zero, "self": zero})
+    out = []
+    for p in people:
+        line = base + [
+            p["address"],
+            p["opens"],
+            p["clicks"],
+            p.get("first_open_at"),
+            p.get("last_open_at"),
+            p.get("inferred_open", False),
+            p.get("replied", False),
+        ]
+        if all_hits:
+            for verdict in ("machine", "self"):
+                other = p[verdict]
+                line += [
+                    other["opens"],
+                    other["clicks"],
+                    "; ".join(f"{k}={v}" for k, v in other["reasons"].items()),
+                ]
+        out.append(["true" if v is True else "false" if v is False else _cell(v) for v in line])
+    return out
+
+
+def email_table(entries: list[dict], all_hits: bool) -> None:
+    """Emails as a rich table: one block per email, one line per recipient."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
+    table.add_column("Sent", no_wrap=True)
+    table.add_column("Email", ratio=3, overflow="fold")
+    table.add_column("Recipient", ratio=3, overflow="fold")
+    table.add_column("Opens", ratio=2)
+    table.add_column("Clicks", justify="right")
+    for entry in entries:
+        title = Text(entry["subject"] or "(no subject)", style="bold")
+        title.append(f"\n{entry['user'] or 'unattributed'} · {entry['source']}", style="dim")
+        people = []
+        tracked = entry["tracked"]["opens"] or entry["tracked"]["clicks"]
+        for r in entry["recipients"]:
+            opens = str(r["opens"])
+            if r["opens"]:
+                opens += f", last {relative_time(r['last_open_at'])}"
+            if r["inferred_open"]:
+                opens += " (inferred)"
+            name = r["address"] + (" ↩ replied" if r["replied"] else "")
+            extra = _others_text(r) if all_hits else ""
+            people.append(
+                (name, opens if tracked else "-", str(r["clicks"]) if tracked else "-", extra)
+            )
+        someone = entry["someone"]
+        if has_hits(someone, all_hits):
+            people.append(
+                (
+                    "Someone",
+                    str(someone["opens"]),
+                    str(someone["clicks"]),
+                    _others_text(someone) if all_hits else "",
+                )
+            )
+        if not tracked:
+            people.append((f"not tracked: {entry['untracked_reason']}", "", "", ""))
+        if all_hits and _others_text(entry):
+            people.append((f"all: {_others_text(entry)}", "", "", ""))
+        if not people:
+            people.append(("", "", "", ""))
+        for i, (name, opens, clicks, extra) in enumerate(people):
+            cell = Text(name)
+            if name == "Someone" or name.startswith(("not tracked", "all: ")):
+                cell.stylize("italic")
+            if extra:
+                cell.append(f"\n{extra}", style="dim")
+            table.add_row(
+                when(entry["sent_at"]) if i == 0 else "",
+                title if i == 0 else "",
+                cell,
+                opens,
+                clicks,
+            )
+        table.add_section()
+    Console(soft_wrap=False).print(table)
+
+
+def write_json_entries(texts: Iterable[str]) -> None:
+    """A JSON array, one compact entry per line (valid JSON, fast, friendly to grep)."""
+    out = click.get_text_stream("stdout")
+    out.write("[")
+    first = True
+    for text in texts:
+        out.write("\n" if first else ",\n")
+        out.write(text)
+        first = False
+    out.write("\n]\n" if not first else "]\n")
+    out.flush()
+
+
+@report.command("emails")
+@period_options
+@click.option("--contact", metavar="EMAIL", help="Only emails to or logged on this contact.")
+@click.option("--tracked/--untracked", default=None, help="Only tracked / untracked emails.")
+@all_hits_option
+@format_option
+@pass_app
+def report_emails(
+    app: App,
+    since: str | None,
+    until: str | None,
+    user: str | None,
+    contact: str | None,
+    tracked: bool | None,
+    all_hits: bool,
+    fmt: str,
+) -> None:
+    """Sent and logged emails, newest first: who opened, clicked and replied."""
+    from store import reports
+
+    filt = report_filter(since, until, user, contact, tracked)
+    texts = reports.iter_email_json(app.db, filt, all_hits=all_hits)
+    if fmt == "json":
+        total = reports.count_emails(app.db, filt)
+        write_json_entries(with_progress(texts, total, "Exporting emails"))
+        return
+    if fmt == "csv":
+        total = reports.count_emails(app.db, filt)
+        out = click.get_text_stream("stdout")
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(EMAIL_CSV + (EMAIL_CSV_ALL if all_hits else []))
+        for text in with_progress(texts, total, "Exporting emails"):
+            writer.writerows(email_csv_rows(json.loads(text), all_hits))
+        return
+    entries = [json.loads(t) for t in texts]
+    if not entries:
+        click.echo(_empty_message("emails", filt))
+        return
+    email_table(entries, all_hits)
+
+
+@report.command("links")
+@period_options
+@click.option("--contact", metavar="EMAIL", help="Only emails to this contact.")
+@all_hits_option
+@format_option
+@pass_app
+def report_links(
+    app: App,
+    since: str | None,
+    until: str | None,
+    user: str | None,
+    contact: str | None,
+    all_hits: bool,
+    fmt: str,
+) -> None:
+    """Tracked links: clicks and how many different recipients clicked."""
+    from store import reports
+
+    filt = report_filter(since, until, user, contact)
+    links = reports.link_report(app.db, filt, all_hits=all_hits)
+    if fmt != "table":
+        if fmt == "csv" and all_hits:
+            for link in links:
+                for verdict in ("machine", "self"):
+                    other = link.pop(verdict)
+                    link[f"{verdict}_clicks"] = other["clicks"]
+                    link[f"{verdict}_reasons"] = "; ".join(
+                        f"{k}={v}" for k, v in other["reasons"].items()
+                    )
+        emit(links, fmt, list(links[0]) if links else None)
+        return
+    if not links:
+        click.echo(_empty_message("tracked links", filt))
+        return
+    rows = []
+    for link in links:
+        url = link["url"].split("://", 1)[-1]
+        extra = (
+            _others_text(
+                {k: {"opens": 0, **v} for k, v in link.items() if k in ("machine", "self")}
+            )
+            if all_hits
+            else ""
+        )
+        rows.append(
+            {
+                "sent": when(link["sent_at"]),
+                "email": link["subject"] or "(no subject)",
+                "link": url + (f"\n{extra}" if extra else ""),
+                "clicks": link["clicks"],
+                "people": link["unique_clicks"],
+                "someone": link["someone_clicks"],
+            }
+        )
+    compact_table(
+        rows,
+        {
+            "sent": "Sent",
+            "email": "Email",
+            "link": "Link",
+            "clicks": "Clicks",
+            "people": "People",
+            "someone": "Someone",
+        },
+    )
+
+
+def compact_table(rows: list[dict], headers: dict[str, str]) -> None:
+    """A report table that fits 80 columns: light rules, numbers right-aligned."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
+    for i, (key, header) in enumerate(headers.items()):
+        numeric = all(isinstance(r[key], int) or str(r[key]).endswith("%") for r in rows)
+        widest = max(len(line) for r in rows for line in _cell(r[key]).splitlines() or [""])
+        table.add_column(
+            header,
+            justify="right" if numeric else "left",
+            overflow="fold",
+            no_wrap=numeric,
+            min_width=min(widest, 30) if i == 0 else None,
+        )
+    for r in rows:
+        table.add_row(*[_cell(r[k]) for k in headers])
+    Console(soft_wrap=False).print(table)
+
+
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate * 100:.0f}%"
+
+
+@report.command("users")
+@period_options
+@format_option
+@pass_app
+def report_users(
+    app: App, since: str | None, until: str | None, user: str | None, fmt: str
+) -> None:
+    """Per user: sent, logged, tracked; open, click and reply rates; machine hits filtered."""
+    from store import reports
+
+    filt = report_filter(since, until, user)
+    found = reports.user_report(app.db, filt)
+    if fmt != "table":
+        emit(found, fmt, list(found[0]) if found else None)
+        return
+    if not found:
+        click.echo("No users yet: add one with `mailtally users add EMAIL`.")
+        return
+    rows = [
+        {
+            "user": u["user"] or u["name"],
+            "sent": u["sent"],
+            "logged": u["logged"],
+            "tracked": u["tracked"],
+            "opened": _percent(u["open_rate"]),
+            "clicked": _percent(u["click_rate"]),
+            "replied": _percent(u["reply_rate"]),
+            "machine": u["machine_hits"],
+        }
+        for u in found
+    ]
+    compact_table(
+        rows,
+        {
+            "user": "User",
+            "sent": "Sent",
+            "logged": "Logged",
+            "tracked": "Tracked",
+            "opened": "Open",
+            "clicked": "Click",
+            "replied": "Reply",
+            "machine": "Machine",
+        },
     )
 
 

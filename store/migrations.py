@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import sqlite_utils
 
+from store import report_schema
 from store.sql import transaction
 
 Migration = tuple[str, Callable[[sqlite_utils.Database], None] | str]
@@ -233,6 +234,7 @@ MIGRATIONS: list[Migration] = [
     ("0002_report_indexes", REPORT_INDEXES),
     ("tracker_0001_notifications", TRACKER_NOTIFICATIONS),
     ("ingest_0001_inbound_details", INGEST_INBOUND_DETAILS),
+    ("reports_0001_people", report_schema.migrate_people),
 ]
 
 

@@ -1,0 +1,324 @@
+"""Summary tables that keep ``report emails`` fast, maintained by triggers.
+
+Aggregating a million events for every report costs seconds. ``report_people`` holds,
+per email and per person (``target``: the recipient's address, or '' for "Someone" — a
+shared copy, an anonymous privacy-mode hit, or nobody known), whether that person is a
+recipient and the aggregate of their hits; ``report_reasons`` counts the machine and
+self hits per reason. Triggers on events, deliveries, email_contacts and contacts keep
+both exact, so every writer (tracker, ingest replies, re-labelling, erasure) stays
+correct without knowing about them. A new event is one upsert; anything rarer (a delete,
+a re-labelled verdict, an erased contact) recomputes the rows concerned from the events.
+"""
+
+from __future__ import annotations
+
+import sqlite_utils
+
+# Whom an event's hits belong to; {e} is an events row alias (NEW, OLD or ev).
+_TARGET = """(CASE WHEN {e}.anonymous THEN ''
+     WHEN {e}.delivery_id IS NOT NULL THEN coalesce(
+         (SELECT d.recipient FROM deliveries d WHERE d.id = {e}.delivery_id AND d.shared = 0), '')
+     ELSE coalesce((SELECT c.email FROM contacts c WHERE c.id = {e}.contact_id), '') END)"""
+# The email of an event (the copy's email when the event names only the copy).
+_EMAIL = (
+    "coalesce({e}.email_id, (SELECT d.email_id FROM deliveries d WHERE d.id = {e}.delivery_id))"
+)
+# The events of email {x} (also those that name only one of its copies).
+_EVENTS_OF = """(ev.email_id = {x} OR (ev.email_id IS NULL
+     AND ev.delivery_id IN (SELECT d.id FROM deliveries d WHERE d.email_id = {x})))"""
+# Whether {t} is a recipient of email {x}: a copy of a sent email, a contact of a logged one.
+_IS_RECIPIENT = """(CASE WHEN (SELECT e.source FROM emails e WHERE e.id = {x}) = 'relay'
+     THEN EXISTS (SELECT 1 FROM deliveries d WHERE d.email_id = {x} AND d.recipient = {t}
+                  AND d.shared = 0)
+     ELSE EXISTS (SELECT 1 FROM email_contacts ec JOIN contacts c ON c.id = ec.contact_id
+                  WHERE ec.email_id = {x} AND c.email = {t}) END)"""
+
+_STATS = """count(*),
+    coalesce(sum({e}.kind = 'open' AND {e}.verdict = 'human'), 0),
+    coalesce(sum({e}.kind = 'click' AND {e}.verdict = 'human'), 0),
+    min(CASE WHEN {e}.kind = 'open' AND {e}.verdict = 'human' THEN {e}.at END),
+    max(CASE WHEN {e}.kind = 'open' AND {e}.verdict = 'human' THEN {e}.at END),
+    coalesce(sum({e}.kind = 'open' AND {e}.verdict = 'human' AND {e}.inferred), 0),
+    coalesce(sum({e}.kind = 'reply' AND {e}.verdict = 'human'), 0),
+    coalesce(sum({e}.kind = 'open' AND {e}.verdict = 'machine'), 0),
+    coalesce(sum({e}.kind = 'click' AND {e}.verdict = 'machine'), 0),
+    coalesce(sum({e}.kind = 'open' AND {e}.verdict = 'self'), 0),
+    coalesce(sum({e}.kind = 'click' AND {e}.verdict = 'self'), 0)"""
+_STAT_COLUMNS = """hits, opens, clicks, first_open_at, last_open_at, inferred_opens, replies,
+    machine_opens, machine_clicks, self_opens, self_clicks"""
+_OTHER = "{e}.verdict != 'human' AND {e}.kind IN ('open', 'click')"
+
+TABLES = [
+    """CREATE TABLE report_people (
+        email_id INTEGER NOT NULL REFERENCES emails(id) ON DELETE CASCADE,
+        target TEXT NOT NULL,
+        recipient INTEGER NOT NULL DEFAULT 0,
+        hits INTEGER NOT NULL DEFAULT 0,
+        opens INTEGER NOT NULL DEFAULT 0,
+        clicks INTEGER NOT NULL DEFAULT 0,
+        first_open_at TEXT,
+        last_open_at TEXT,
+        inferred_opens INTEGER NOT NULL DEFAULT 0,
+        replies INTEGER NOT NULL DEFAULT 0,
+        machine_opens INTEGER NOT NULL DEFAULT 0,
+        machine_clicks INTEGER NOT NULL DEFAULT 0,
+        self_opens INTEGER NOT NULL DEFAULT 0,
+        self_clicks INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (email_id, target)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE report_reasons (
+        email_id INTEGER NOT NULL REFERENCES emails(id) ON DELETE CASCADE,
+        target TEXT NOT NULL,
+        verdict TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (email_id, target, verdict, reason)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX idx_report_people_target ON report_people(target)",
+    """CREATE TABLE report_emails (
+        email_id INTEGER PRIMARY KEY REFERENCES emails(id) ON DELETE CASCADE,
+        tail TEXT NOT NULL
+    )""",
+]
+
+
+def bool_sql(expr: str) -> str:
+    return f"json(CASE WHEN {expr} THEN 'true' ELSE 'false' END)"
+
+
+def _others(x: str, opens: str, clicks: str, where: str) -> str:
+    """``, 'machine', {...}, 'self', {...}`` (--all-hits); {v} in the arguments is the verdict."""
+    parts = []
+    for v in ("machine", "self"):
+        parts.append(
+            f"""'{v}', json_object('opens', {opens.format(v=v)}, 'clicks', {clicks.format(v=v)},
+                'reasons', json(coalesce((SELECT json_group_object(reason, n) FROM (
+                    SELECT rr.reason, sum(rr.n) AS n FROM report_reasons rr
+                    WHERE rr.email_id = {x} AND rr.verdict = '{v}' {where}
+                    GROUP BY rr.reason ORDER BY rr.reason)), '{{}}')))"""
+        )
+    return ", " + ", ".join(parts)
+
+
+def tail_sql(x: str, all_hits: bool = False) -> str:
+    """A query for the hit part of email ``x``'s report entry, as a JSON object text:
+    ``{"opens", "clicks", "someone", "recipients"}`` (recipients by address), plus
+    ``"machine"`` and ``"self"`` with their reasons when ``all_hits``."""
+    email_extra = someone_extra = recipient_extra = ""
+    if all_hits:
+        email_extra = _others(
+            x, "coalesce(sum(h.{v}_opens), 0)", "coalesce(sum(h.{v}_clicks), 0)", ""
+        )
+        someone_extra = _others(
+            x,
+            "coalesce(sum(h.{v}_opens) FILTER (WHERE h.target = ''), 0)",
+            "coalesce(sum(h.{v}_clicks) FILTER (WHERE h.target = ''), 0)",
+            "AND rr.target = ''",
+        )
+        recipient_extra = _others(x, "h.{v}_opens", "h.{v}_clicks", "AND rr.target = h.target")
+    return f"""SELECT json_object(
+        'opens', coalesce(sum(h.opens), 0),
+        'clicks', coalesce(sum(h.clicks), 0),
+        'someone', json_object(
+            'opens', coalesce(sum(h.opens) FILTER (WHERE h.target = ''), 0),
+            'clicks', coalesce(sum(h.clicks) FILTER (WHERE h.target = ''), 0) {someone_extra}),
+        'recipients', json_group_array(json_object(
+            'address', h.target,
+            'opens', h.opens,
+            'clicks', h.clicks,
+            'first_open_at', h.first_open_at,
+            'last_open_at', h.last_open_at,
+            'inferred_open', {bool_sql("h.inferred_opens > 0")},
+            'replied', {bool_sql("h.replies > 0")} {recipient_extra})) FILTER (WHERE h.target > '')
+        {email_extra})
+    FROM report_people h WHERE h.email_id = {x}"""
+
+
+def _refresh_email(x: str) -> list[str]:
+    """Re-render the cached human-hits part of email ``x``'s report entry."""
+    return [
+        f"""INSERT INTO report_emails (email_id, tail)
+            SELECT {x}, ({tail_sql(x)}) WHERE EXISTS (SELECT 1 FROM emails e WHERE e.id = {x})
+            ON CONFLICT (email_id) DO UPDATE SET tail = excluded.tail"""
+    ]
+
+
+def _recompute(rows: str) -> list[str]:
+    """Statements that rebuild the report_people/report_reasons rows matching ``rows`` (a
+    condition on ``{p}.email_id``/``{p}.target``) from the current events and recipients.
+
+    Trigger bodies cannot alias tables, hence the full table names.
+    """
+    people, reasons = rows.format(p="report_people"), rows.format(p="report_reasons")
+    x, t = "report_people.email_id", "report_people.target"
+    return [
+        f"""UPDATE report_people SET recipient = {_IS_RECIPIENT.format(x=x, t=t)},
+                ({_STAT_COLUMNS}) = (SELECT {_STATS.format(e="ev")} FROM events ev
+                    WHERE {_EVENTS_OF.format(x=x)} AND {_TARGET.format(e="ev")} = {t})
+            WHERE {people}""",
+        f"DELETE FROM report_reasons WHERE {reasons}",
+        f"""INSERT INTO report_reasons (email_id, target, verdict, reason, n)
+            SELECT {x}, {t}, ev.verdict, ev.reason, count(*)
+            FROM report_people JOIN events ev ON {_EVENTS_OF.format(x=x)}
+            WHERE {people} AND {_OTHER.format(e="ev")} AND {_TARGET.format(e="ev")} = {t}
+            GROUP BY {x}, {t}, ev.verdict, ev.reason""",
+        f"DELETE FROM report_people WHERE {people} AND recipient = 0 AND hits = 0",
+    ]
+
+
+def _recompute_event(e: str) -> list[str]:
+    """Rebuild the row of the person the ``{e}`` event belongs to (created if missing)."""
+    x, t = _EMAIL.format(e=e), _TARGET.format(e=e)
+    return [
+        f"""INSERT OR IGNORE INTO report_people (email_id, target) SELECT {x}, {t}
+            WHERE EXISTS (SELECT 1 FROM emails e WHERE e.id = {x})""",
+        *_recompute(f"{{p}}.email_id = {x} AND {{p}}.target = {t}"),
+    ]
+
+
+def _recompute_person(x: str, t: str) -> list[str]:
+    return [
+        f"""INSERT OR IGNORE INTO report_people (email_id, target)
+            SELECT {x}, {t} WHERE {t} IS NOT NULL AND EXISTS (SELECT 1 FROM emails e WHERE e.id = {x})""",
+        *_recompute(f"{{p}}.email_id = {x} AND {{p}}.target = {t}"),
+    ]
+
+
+def _insert_event() -> list[str]:
+    """The incremental path for a new event (the tracker's hot path): two upserts."""
+    x, t = _EMAIL.format(e="NEW"), _TARGET.format(e="NEW")
+    return [
+        f"""INSERT INTO report_people (email_id, target, {_STAT_COLUMNS})
+            SELECT {x}, {t}, {_STATS.format(e="NEW")} WHERE {x} IS NOT NULL
+            ON CONFLICT (email_id, target) DO UPDATE SET
+                hits = hits + 1,
+                opens = opens + excluded.opens,
+                clicks = clicks + excluded.clicks,
+                first_open_at = CASE WHEN first_open_at IS NULL
+                                       OR excluded.first_open_at < first_open_at
+                                     THEN coalesce(excluded.first_open_at, first_open_at)
+                                     ELSE first_open_at END,
+                last_open_at = CASE WHEN last_open_at IS NULL
+                                      OR excluded.last_open_at > last_open_at
+                                    THEN coalesce(excluded.last_open_at, last_open_at)
+                                    ELSE last_open_at END,
+                inferred_opens = inferred_opens + excluded.inferred_opens,
+                replies = replies + excluded.replies,
+                machine_opens = machine_opens + excluded.machine_opens,
+                machine_clicks = machine_clicks + excluded.machine_clicks,
+                self_opens = self_opens + excluded.self_opens,
+                self_clicks = self_clicks + excluded.self_clicks""",
+        f"""INSERT INTO report_reasons (email_id, target, verdict, reason, n)
+            SELECT {x}, {t}, NEW.verdict, NEW.reason, 1
+            WHERE {_OTHER.format(e="NEW")} AND {x} IS NOT NULL
+            ON CONFLICT (email_id, target, verdict, reason) DO UPDATE SET n = n + 1""",
+    ]
+
+
+def _trigger(name: str, when: str, table: str, statements: list[str], cond: str = "") -> str:
+    body = ";\n".join(statements)
+    where = f" WHEN {cond}" if cond else ""
+    return f"CREATE TRIGGER {name} {when} ON {table}{where} BEGIN\n{body};\nEND"
+
+
+def _source(x: str) -> str:
+    return f"(SELECT e.source FROM emails e WHERE e.id = {x})"
+
+
+TRIGGERS = [
+    _trigger("reports_events_insert", "AFTER INSERT", "events", _insert_event()),
+    _trigger("reports_events_delete", "AFTER DELETE", "events", _recompute_event("OLD")),
+    _trigger(
+        "reports_events_update",
+        "AFTER UPDATE OF kind, inferred, at, email_id, delivery_id, contact_id, anonymous, "
+        "verdict, reason",
+        "events",
+        [*_recompute_event("OLD"), *_recompute_event("NEW")],
+    ),
+    _trigger(
+        "reports_deliveries_insert",
+        "AFTER INSERT",
+        "deliveries",
+        [
+            """INSERT INTO report_people (email_id, target, recipient)
+               VALUES (NEW.email_id, NEW.recipient, 1)
+               ON CONFLICT (email_id, target) DO UPDATE SET recipient = 1"""
+        ],
+        f"NEW.shared = 0 AND NEW.recipient IS NOT NULL AND {_source('NEW.email_id')} = 'relay'",
+    ),
+    _trigger(
+        "reports_deliveries_delete",
+        "AFTER DELETE",
+        "deliveries",
+        _recompute_person("OLD.email_id", "OLD.recipient"),
+        "OLD.recipient IS NOT NULL",
+    ),
+    _trigger(
+        "reports_email_contacts_insert",
+        "AFTER INSERT",
+        "email_contacts",
+        [
+            """INSERT INTO report_people (email_id, target, recipient)
+               SELECT NEW.email_id, c.email, 1 FROM contacts c WHERE c.id = NEW.contact_id
+               ON CONFLICT (email_id, target) DO UPDATE SET recipient = 1"""
+        ],
+        f"{_source('NEW.email_id')} != 'relay'",
+    ),
+    _trigger(
+        "reports_email_contacts_delete",
+        "AFTER DELETE",
+        "email_contacts",
+        _recompute_person(
+            "OLD.email_id", "(SELECT c.email FROM contacts c WHERE c.id = OLD.contact_id)"
+        ),
+    ),
+    # An erased contact: every row naming it is rebuilt (and goes when nothing is left).
+    _trigger(
+        "reports_people_insert", "AFTER INSERT", "report_people", _refresh_email("NEW.email_id")
+    ),
+    _trigger(
+        "reports_people_update", "AFTER UPDATE", "report_people", _refresh_email("NEW.email_id")
+    ),
+    _trigger(
+        "reports_people_delete", "AFTER DELETE", "report_people", _refresh_email("OLD.email_id")
+    ),
+    _trigger(
+        "reports_contacts_delete", "AFTER DELETE", "contacts", _recompute("{p}.target = OLD.email")
+    ),
+]
+
+BACKFILL = [
+    """INSERT INTO report_people (email_id, target, recipient)
+        SELECT DISTINCT d.email_id, d.recipient, 1 FROM deliveries d JOIN emails e ON e.id = d.email_id
+        WHERE e.source = 'relay' AND d.shared = 0 AND d.recipient IS NOT NULL""",
+    """INSERT OR IGNORE INTO report_people (email_id, target, recipient)
+        SELECT ec.email_id, c.email, 1 FROM email_contacts ec
+        JOIN contacts c ON c.id = ec.contact_id JOIN emails e ON e.id = ec.email_id
+        WHERE e.source != 'relay'""",
+    f"""INSERT INTO report_people (email_id, target, {_STAT_COLUMNS})
+        SELECT {_EMAIL.format(e="ev")} AS x, {_TARGET.format(e="ev")} AS t, {_STATS.format(e="ev")}
+        FROM events ev WHERE x IS NOT NULL GROUP BY x, t
+        ON CONFLICT (email_id, target) DO UPDATE SET
+            hits = excluded.hits, opens = excluded.opens, clicks = excluded.clicks,
+            first_open_at = excluded.first_open_at, last_open_at = excluded.last_open_at,
+            inferred_opens = excluded.inferred_opens, replies = excluded.replies,
+            machine_opens = excluded.machine_opens, machine_clicks = excluded.machine_clicks,
+            self_opens = excluded.self_opens, self_clicks = excluded.self_clicks""",
+    f"""INSERT INTO report_reasons (email_id, target, verdict, reason, n)
+        SELECT {_EMAIL.format(e="ev")} AS x, {_TARGET.format(e="ev")} AS t, ev.verdict, ev.reason,
+               count(*)
+        FROM events ev WHERE x IS NOT NULL AND {_OTHER.format(e="ev")}
+        GROUP BY x, t, ev.verdict, ev.reason""",
+    f"""INSERT INTO report_emails (email_id, tail)
+        SELECT e.id, ({tail_sql("e.id")}) FROM emails e
+        WHERE e.id IN (SELECT email_id FROM report_people)""",
+]
+
+
+def migrate_people(db: sqlite_utils.Database) -> None:
+    """Migration ``reports_0001_people``: create, backfill from what exists, keep up to date.
+
+    (``report_emails.tail`` caches each email's human-hits JSON: rendering 100,000 of them
+    per report is most of its cost, a re-render per change is a few microseconds.)"""
+    for statement in [*TABLES, *BACKFILL, *TRIGGERS]:
+        db.conn.execute(statement)

@@ -1,0 +1,218 @@
+"""Plan and apply the edits to one HTML text: wrapped hrefs, removed markers, the pixel.
+
+``plan_html`` decides (nothing is changed yet); ``HtmlPlan.apply`` splices the planned
+edits into the original text, leaving every other character where it was. The same plan
+renders every recipient's copy (only the tokens differ), so positions are identical in
+all copies.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from relay import links as rules
+from relay.htmlscan import RAW_TEXT, Comment, Tag, scan
+
+LINK_TAGS = ("a", "area")
+_VISIBLE_TAGS = ("img", "svg", "video", "input", "button", "iframe", "object", "embed", "hr")
+_INVISIBLE = " \t\n\r\f\u00a0\u200b\u200c\u200d\u2060\ufeff\u034f\u00ad"
+
+# Out of normal flow, so that it changes nothing in the layout (a 1x1 image in flow adds a
+# line box in most templates); 1x1 and transparent where a client drops `position`.
+PIXEL_STYLE = (
+    "position:absolute;display:block;width:1px;height:1px;max-width:1px;max-height:1px;"
+    "border:0;margin:0;padding:0;overflow:hidden;opacity:0;line-height:0;font-size:0"
+)
+
+
+def pixel_html(open_url: str | None, honeypot_url: str | None) -> str:
+    """The inserted block: an invisible honeypot link (machines only) and the open pixel."""
+    out = ""
+    if honeypot_url:
+        out += (
+            f'<a href="{honeypot_url}" style="display:none!important" tabindex="-1" '
+            'aria-hidden="true"></a>'
+        )
+    if open_url:
+        out += (
+            f'<img src="{open_url}" width="1" height="1" alt="" border="0" style="{PIXEL_STYLE}">'
+        )
+    return out
+
+
+@dataclass
+class LinkInfo:
+    """One href found in the HTML and what was decided for it."""
+
+    tag: str
+    url: str
+    text: str
+    tracked: bool
+    rule: str
+    position: int | None = None
+    mso: bool = False
+    start: int = 0  # value span in the text
+    end: int = 0
+
+
+@dataclass
+class Edit:
+    start: int
+    end: int
+    kind: str  # "click", "remove" or "pixel"
+    position: int = 0
+    url: str = ""
+
+
+@dataclass
+class HtmlPlan:
+    links: list[LinkInfo] = field(default_factory=list)
+    edits: list[Edit] = field(default_factory=list)
+    pixel_at: int | None = None
+
+    @property
+    def tracked(self) -> list[tuple[int, str]]:
+        """(position, original URL) of each tracked link (VML twins share a position)."""
+        seen: dict[int, str] = {}
+        for link in self.links:
+            if link.tracked and link.position is not None:
+                seen.setdefault(link.position, link.url)
+        return sorted(seen.items())
+
+    def apply(self, text: str, click: Callable[[int, str], str], pixel: str) -> str:
+        """The text with every planned edit spliced in (``click(position, url)`` → new href)."""
+        out = []
+        cursor = 0
+        for e in sorted(self.edits, key=lambda e: (e.start, e.end)):
+            out.append(text[cursor : e.start])
+            if e.kind == "click":
+                out.append(click(e.position, e.url))
+            elif e.kind == "pixel":
+                out.append(pixel)
+            cursor = e.end
+        out.append(text[cursor:])
+        return "".join(out)
+
+
+def _attr_removal_start(text: str, start: int) -> int:
+    while start > 0 and text[start - 1] in " \t\n\r\f":
+        start -= 1
+    return start
+
+
+def plan_html(
+    text: str,
+    ctx: rules.LinkContext,
+    *,
+    track_clicks: bool,
+    add_pixel: bool,
+    meaning: Callable[[str], str] = lambda s: s,
+    first_position: int = 1,
+) -> HtmlPlan:
+    """Decide every edit for ``text``. ``meaning`` turns a slice of ``text`` into real text
+    (the scanner may work on a byte-per-character view of the original)."""
+    plan = HtmlPlan()
+    tokens = [t for t in scan(text)]
+    tags = [t for t in tokens if isinstance(t, Tag)]
+    position = first_position
+    plain_links: list[LinkInfo] = []
+    mso_tags: list[tuple[Tag, LinkInfo]] = []
+    depth = 0
+    body_close = html_close = None
+    for idx, tag in enumerate(tags):
+        if tag.mso:
+            href = tag.attr("href")
+            if href is not None and not tag.is_end:
+                url = rules.clean_url(meaning(href.value(text)))
+                info = LinkInfo(
+                    tag.name, url, "", False, "mso", None, True, href.value_start, href.value_end
+                )
+                mso_tags.append((tag, info))
+            continue
+        if tag.name == "blockquote":
+            depth = max(0, depth + (-1 if tag.is_end else 1))
+        elif tag.is_end and tag.name == "body" and depth == 0:
+            body_close = tag.start
+        elif tag.is_end and tag.name == "html":
+            html_close = tag.start
+        if tag.is_end or tag.name not in LINK_TAGS:
+            continue
+        href = tag.attr("href")
+        marker = tag.attr("data-mailtally")
+        notrack = marker is not None and meaning(marker.value(text)).strip().lower() == "notrack"
+        if marker is not None and notrack:
+            plan.edits.append(Edit(_attr_removal_start(text, marker.start), marker.end, "remove"))
+        if href is None:
+            continue
+        inner = ""
+        if tag.name == "a":
+            for nxt in tags[idx + 1 :]:
+                if nxt.mso:
+                    continue
+                if nxt.name == "a":
+                    inner = text[tag.end : nxt.start] if nxt.is_end else ""
+                    break
+        url = rules.clean_url(meaning(href.value(text)))
+        label = rules.visible_text(meaning(inner))
+        if href.value_start < 0:
+            tracked, rule = False, "empty"
+        else:
+            tracked, rule = rules.classify(url, label, ctx, notrack)
+        if tracked and not track_clicks:
+            tracked, rule = False, "clicks-off"
+        info = LinkInfo(
+            tag.name, url, label, tracked, rule, None, False, href.value_start, href.value_end
+        )
+        if tracked:
+            info.position = position
+            position += 1
+            plan.edits.append(Edit(href.value_start, href.value_end, "click", info.position, url))
+        plain_links.append(info)
+        plan.links.append(info)
+    for tag, info in mso_tags:
+        twins = [p for p in plain_links if p.url == info.url and p.tag == "a"]
+        after = [p for p in twins if p.start > tag.start]
+        twin = after[0] if after else (twins[-1] if twins else None)
+        if twin is None:
+            info.rule = "mso-no-twin"
+        elif not twin.tracked:
+            info.rule = "mso-twin-untracked"
+        else:
+            info.tracked, info.rule, info.position = True, "mso-twin", twin.position
+            plan.edits.append(Edit(info.start, info.end, "click", twin.position, info.url))
+        plan.links.append(info)
+    plan.links.sort(key=lambda link: link.start)
+    if add_pixel:
+        at = body_close if body_close is not None else html_close
+        plan.pixel_at = len(text) if at is None else at
+        plan.edits.append(Edit(plan.pixel_at, plan.pixel_at, "pixel"))
+    return plan
+
+
+def has_visible_content(text: str, meaning: Callable[[str], str] = lambda s: s) -> bool:
+    """False for an HTML body that shows nothing (no text, no image): not worth tracking."""
+    cursor = 0
+    raw = False
+    in_head = False
+    for tok in scan(text):
+        if isinstance(tok, Tag) and tok.mso:
+            continue
+        gap = text[cursor : tok.start]
+        if gap and not raw and not in_head:
+            if html.unescape(meaning(gap)).strip(_INVISIBLE):
+                return True
+        cursor = max(cursor, tok.end)
+        if isinstance(tok, Comment):
+            raw = False
+            continue
+        raw = not tok.is_end and tok.name in RAW_TEXT
+        if tok.name == "head":
+            in_head = not tok.is_end
+        elif tok.name == "body":
+            in_head = False
+        if not tok.is_end and tok.name in _VISIBLE_TAGS:
+            return True
+    tail = text[cursor:]
+    return bool(not raw and html.unescape(meaning(tail)).strip(_INVISIBLE))

@@ -1,0 +1,128 @@
+"""Which links are tracked (SPEC relay 6): one function per question, one rule name per answer.
+
+``classify`` returns ``(tracked, rule)``; the rule names are what ``mailtally preview``
+shows and what the tests check.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from store.addresses import domain_covers
+
+TRACKED = "tracked"
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*):")
+_URL_TEXT = re.compile(
+    r"^(?:(?:https?|ftp)://)?(?:www\.)?(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z]{2,63}"
+    r"(?::\d+)?(?:[/?#]\S*)?$",
+    re.IGNORECASE,
+)
+_MERGE_TAGS = ("{{", "}}", "{%", "*|", "|*", "%%", "${", "[%", "<%")
+_UNSUBSCRIBE_WORDS = (
+    "unsubscribe",
+    "unsub",
+    "opt-out",
+    "optout",
+    "opt out",
+    "abmelden",
+    "abbestellen",
+    "désabonner",
+    "desabonner",
+    "désinscri",
+    "desinscri",
+    "darse de baja",
+    "cancelar suscripci",
+    "disiscriv",
+    "uitschrijven",
+    "afmelden",
+    "avregistrera",
+    "afmeld",
+    "wypisz",
+    "配信停止",
+    "退订",
+)
+_STRIP_URL = str.maketrans("", "", "\t\n\r")
+
+
+@dataclass
+class LinkContext:
+    """What the rules need besides the link itself."""
+
+    base_url: str
+    excluded_domains: list[str] = field(default_factory=list)
+    unsubscribe_urls: set[str] = field(default_factory=set)
+
+
+def clean_url(raw_value: str) -> str:
+    """The URL a browser navigates to: entities decoded, outer spaces and tabs/newlines gone."""
+    from relay.htmlscan import unescape_attr
+
+    return unescape_attr(raw_value).strip(" \t\n\r\f").translate(_STRIP_URL)
+
+
+def visible_text(fragment: str) -> str:
+    """The text a reader sees in an ``<a>`` element's inner HTML (tags and comments dropped)."""
+    no_comments = re.sub(r"<!--.*?(?:-->|$)", "", fragment, flags=re.DOTALL)
+    no_tags = re.sub(r"<[^>]*>", "", no_comments)
+    return " ".join(html.unescape(no_tags).split())
+
+
+def text_is_url(text: str) -> bool:
+    """``www.example.com``, ``https://x.test/a``, ``example.com``: the reader sees the target."""
+    return bool(text) and " " not in text and bool(_URL_TEXT.match(text))
+
+
+def is_unsubscribe(url: str, text: str, ctx: LinkContext) -> bool:
+    if url in ctx.unsubscribe_urls:
+        return True
+    hay = (url + " " + text).lower()
+    return any(w in hay for w in _UNSUBSCRIBE_WORDS)
+
+
+def classify(url: str, text: str, ctx: LinkContext, notrack: bool = False) -> tuple[bool, str]:
+    """(tracked, rule) for a link to ``url`` whose visible text is ``text``."""
+    if notrack:
+        return False, "notrack-marker"
+    if not url:
+        return False, "empty"
+    if any(t in url for t in _MERGE_TAGS):
+        return False, "merge-tag"
+    lower = url.lower()
+    if lower.startswith("#"):
+        return False, "anchor"
+    m = _SCHEME.match(url)
+    if not m:
+        return False, "relative"
+    scheme = m.group(1).lower()
+    if scheme in ("mailto", "tel", "sms", "javascript", "data"):
+        return False, scheme
+    if scheme not in ("http", "https"):
+        return False, "other-scheme"
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        return False, "invalid-url"
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        host = None
+    if not host:
+        return False, "invalid-url"
+    base = ctx.base_url.lower().rstrip("/")
+    if lower == base or lower.startswith(base + "/"):
+        return False, "tracker-link"
+    if any(domain_covers(d.lstrip("@"), host) for d in ctx.excluded_domains):
+        return False, "excluded-domain"
+    if is_unsubscribe(url, text, ctx):
+        return False, "unsubscribe"
+    if text_is_url(text):
+        return False, "text-is-url"
+    return True, TRACKED
+
+
+def list_unsubscribe_urls(header_value: str | None) -> set[str]:
+    """The http(s) targets of a ``List-Unsubscribe`` header."""
+    if not header_value:
+        return set()
+    return {u.strip() for u in re.findall(r"<([^>]+)>", header_value) if u.strip()}

@@ -1,0 +1,168 @@
+"""The submission server (aiosmtpd): AUTH, sender checks, SIZE, durable acceptance.
+
+AUTH PLAIN/LOGIN is offered only over TLS (STARTTLS or the implicit-TLS listener), except
+to clients on loopback or ``relay.trusted_networks``; every client must authenticate
+(530 otherwise), so the relay is never open. MAIL FROM must be one of the authenticated
+user's addresses (553), and so must the From header (checked at DATA).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import ssl
+from concurrent.futures import ThreadPoolExecutor
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+import config
+import store
+from relay import submit
+from store import addresses
+from store import users as store_users
+
+log = logging.getLogger("mailtally.relay")
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP with AUTH-over-plaintext decided per client address."""
+
+    def __init__(self, *args, trusted: list, implicit_tls: bool, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._trusted = trusted
+        self._implicit_tls = implicit_tls
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        trusted = False
+        try:
+            ip = ipaddress.ip_address(peer[0]) if peer else None
+            if ip is not None and ip.version == 6 and ip.ipv4_mapped:
+                ip = ip.ipv4_mapped
+            trusted = ip is not None and (ip.is_loopback or any(ip in n for n in self._trusted))
+        except (ValueError, TypeError):
+            trusted = False
+        self._auth_require_tls = not (trusted or self._implicit_tls)
+
+
+class Handler:
+    """aiosmtpd hooks; the slow work (scrypt, fsync, SQLite) runs in one worker thread."""
+
+    def __init__(self, settings: config.Settings, on_queued=None) -> None:
+        self.settings = settings
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-submit")
+        self.db = store.connect(settings.db_path)
+        self.auth_db = store.connect(settings.db_path, migrate=False)  # used on the loop thread
+        self.on_queued = on_queued
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.db.close()
+        self.auth_db.close()
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # --- AUTH ---------------------------------------------------------------------------------
+
+    def authenticator(self, server, session: Session, envelope: Envelope, mechanism, auth_data):
+        """Called by aiosmtpd (synchronously): scrypt check of the relay password."""
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        try:
+            login = auth_data.login.decode("utf-8")
+            password = auth_data.password.decode("utf-8")
+        except UnicodeDecodeError:
+            return AuthResult(success=False, handled=False)
+        user = store_users.authenticate(self.auth_db, login, password)
+        if user is None:
+            log.info("relay: failed AUTH for %r from %s", login, session.peer)
+            return AuthResult(success=False, handled=False)
+        return AuthResult(success=True, auth_data=user)
+
+    # --- envelope -----------------------------------------------------------------------------
+
+    async def handle_MAIL(
+        self, server, session: Session, envelope: Envelope, address, mail_options
+    ):
+        user = session.auth_data
+        if not isinstance(user, dict):
+            return "530 5.7.0 Authentication required"
+        addr = addresses.normalize(address)
+        own = await self._run(submit.user_addresses, self.db, user["id"])
+        if addr not in own:
+            return f"553 5.7.1 Sender address {addr or '<>'} is not one of your addresses"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(self, server, session, envelope: Envelope, address, rcpt_options):
+        if len(envelope.rcpt_tos) >= self.settings.relay.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        if not addresses.is_valid(addresses.normalize(address)):
+            return "553 5.1.3 Invalid recipient address"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session: Session, envelope: Envelope):
+        user = session.auth_data
+        if not isinstance(user, dict):
+            return "530 5.7.0 Authentication required"
+        data = envelope.original_content or envelope.content
+        if isinstance(data, str):
+            data = data.encode("utf-8", "surrogateescape")
+        try:
+            result = await self._run(
+                submit.process,
+                self.settings,
+                self.db,
+                user,
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                data,
+            )
+        except submit.Refused as exc:
+            return exc.reply
+        except Exception:
+            log.exception("relay: could not queue a message")
+            return "451 4.3.0 Could not queue the message; try again later"
+        if self.on_queued:
+            self.on_queued()
+        return f"250 2.0.0 OK queued as {result.email_id}"
+
+
+def tls_context(settings: config.Settings) -> ssl.SSLContext | None:
+    if not settings.relay.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(settings.relay.tls_cert, settings.relay.tls_key)
+    return ctx
+
+
+def factory(settings: config.Settings, handler: Handler, *, implicit_tls: bool = False):
+    """A protocol factory for ``loop.create_server``."""
+    trusted = [ipaddress.ip_network(n, strict=False) for n in settings.relay.trusted_networks]
+    context = tls_context(settings)
+    hostname = settings.general.domain or "localhost"
+
+    def make() -> RelaySMTP:
+        return RelaySMTP(
+            handler,
+            hostname=hostname,
+            ident="mailtally relay",
+            data_size_limit=settings.relay.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=None if implicit_tls else context,
+            require_starttls=False,
+            authenticator=handler.authenticator,
+            auth_required=True,
+            auth_require_tls=True,
+            trusted=trusted,
+            implicit_tls=implicit_tls,
+        )
+
+    return make

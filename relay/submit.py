@@ -1,0 +1,213 @@
+"""What happens to a submitted message before the client hears 250.
+
+Checked (From header), decided (tracking), recorded (email, deliveries, links), rewritten
+once per recipient copy, queued durably, and handed to the ingest where it must be logged
+or was addressed to a logging address. Runs in a worker thread with its own connection.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from email.utils import make_msgid
+
+import sqlite_utils
+
+import config
+from relay import decision as decisions
+from relay import mime, outbox, rewrite
+from relay.links import LinkContext
+from store import addresses, emails, sent
+from store import users as store_users
+from tracker import tokens
+
+
+class Refused(Exception):
+    """The message is refused with this SMTP reply."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+@dataclass
+class Result:
+    email_id: int
+    outbox_ids: list[int]
+    decision: decisions.Decision
+    rewrite_error: str | None = None
+    local: list[str] = field(default_factory=list)
+    own: list[str] = field(default_factory=list)
+    external: list[str] = field(default_factory=list)
+
+
+def user_addresses(db: sqlite_utils.Database, user_id: int) -> set[str]:
+    return {a["address"] for a in store_users.addresses_of(db, user_id)}
+
+
+def headers_of(data: bytes):
+    return BytesHeaderParser(policy=compat32).parsebytes(data[: mime.header_end(data)])
+
+
+def check_from(db: sqlite_utils.Database, user: dict, data: bytes) -> None:
+    """553 unless every From header address is one of the user's addresses."""
+    head = headers_of(data)
+    values = head.get_all("From") or []
+    found = addresses.parse_list(*[str(v) for v in values])
+    if not found:
+        raise Refused("553 5.7.1 The From header is missing or has no valid address")
+    own = user_addresses(db, user["id"])
+    for _, addr in found:
+        if addr not in own:
+            raise Refused(f"553 5.7.1 From header {addr} is not one of your addresses")
+
+
+def ensure_message_id(data: bytes, domain: str) -> tuple[bytes, str]:
+    """Add a Message-ID when the client sent none (RFC 6409 8.3): the key of every copy."""
+    head = headers_of(data)
+    mid = head.get("Message-ID")
+    if mid and emails.normalize_message_id(str(mid)):
+        return data, str(mid).strip()
+    mid = make_msgid(domain=domain or "localhost")
+    eol = b"\r\n" if b"\r\n" in data[:4096] else b"\n"
+    return f"Message-ID: {mid}".encode() + eol + data, mid
+
+
+def process(
+    settings: config.Settings,
+    db: sqlite_utils.Database,
+    user: dict,
+    mail_from: str,
+    rcpts: list[str],
+    data: bytes,
+) -> Result:
+    """Check, decide, record, rewrite and queue one submitted message (durable on return)."""
+    check_from(db, user, data)
+    data, control = rewrite.split_control_headers(data)
+    data, message_id = ensure_message_id(data, settings.general.domain)
+    key = emails.message_key(message_id, data)
+    head = headers_of(data)
+
+    local_addrs = {
+        addresses.normalize(a)
+        for a in (settings.ingest.bcc_address, settings.ingest.forward_address)
+        if a
+    }
+    local, own, external = [], [], []
+    for r in rcpts:
+        addr = addresses.normalize(r)
+        if addr in local_addrs:
+            local.append(r)
+        elif store_users.is_user_address(db, addr):
+            own.append(r)
+        else:
+            external.append(r)
+
+    error = None
+    analysis = None
+    try:
+        analysis = rewrite.analyse(data)
+    except Exception as exc:  # fail open: the original goes out untouched
+        error = f"analyse: {type(exc).__name__}: {exc}"
+    decision = decisions.decide(
+        settings,
+        user,
+        control,
+        has_html=analysis.has_html if analysis else False,
+        visible=analysis.visible if analysis else False,
+        signed=analysis.signed if analysis else False,
+    )
+    if error and decision.tracked:
+        decision.track_opens = decision.track_clicks = False
+        decision.reason = "rewrite-failed: " + error
+    to_addrs = [a for _, a in addresses.parse_list(*(head.get_all("To") or []))]
+    cc_addrs = [a for _, a in addresses.parse_list(*(head.get_all("Cc") or []))]
+    subject = _decoded_header(head.get("Subject"))
+    email_id, _ = sent.record_email(
+        db,
+        message_key=key,
+        message_id=message_id,
+        user_id=user["id"],
+        from_addr=addresses.parse_list(*(head.get_all("From") or []))[0][1],
+        to_addrs=to_addrs,
+        cc_addrs=cc_addrs,
+        subject=subject,
+        track_opens=decision.track_opens,
+        track_clicks=decision.track_clicks,
+        untracked_reason=decision.reason,
+        rewrite_error=error,
+    )
+
+    copies: list[outbox.Copy] = []
+    base = dict(mail_from=mail_from, user_id=user["id"], email_id=email_id)
+    if external:
+        shared = not settings.relay.per_recipient
+        groups = [external] if shared else [[r] for r in external]
+        delivery_ids = [
+            sent.add_delivery(db, email_id, None if shared else g[0], shared=shared) for g in groups
+        ]
+        rendered: list[bytes] | None = None
+        if decision.tracked and analysis is not None:
+            try:
+                rendered = _render_copies(settings, analysis, decision, delivery_ids, db, email_id)
+            except Exception as exc:  # fail open
+                error = f"rewrite: {type(exc).__name__}: {exc}"
+                sent.set_rewrite_error(db, email_id, error + "\n" + traceback.format_exc(limit=3))
+                rendered = None
+        for i, (group, delivery_id) in enumerate(zip(groups, delivery_ids, strict=True)):
+            body = rendered[i] if rendered is not None else data
+            copies.append(
+                outbox.Copy(rcpts=group, data=body, meta={"delivery_ids": [delivery_id]}, **base)
+            )
+    if own:
+        copies.append(outbox.Copy(rcpts=own, data=data, meta={"kind": "own"}, **base))
+
+    # The ingest hand-offs (logging address copies, logging the sent mail) come first: once
+    # they and the outbox rows are durable, the client may hear 250.
+    if local or (decision.log and external):
+        from ingest import spool as ingest_spool
+
+        meta_common = {"user_id": user["id"], "message_key": key}
+        if local:
+            ingest_spool.submit_local(
+                settings, mail_from, local, data, {"via": "relay", **meta_common}
+            )
+        if decision.log and external:
+            ingest_spool.submit_local(
+                settings, mail_from, external, data, {"source": "relay", **meta_common}
+            )
+    ids = outbox.enqueue_copies(settings, db, copies)
+    return Result(email_id, ids, decision, error, local, own, external)
+
+
+def _render_copies(settings, analysis, decision, delivery_ids, db, email_id) -> list[bytes]:
+    signer = tokens.Signer(settings.tracker.secrets)
+    base_url = settings.tracker.base_url
+    ctx = LinkContext(base_url, list(settings.relay.excluded_domains))
+    plan = rewrite.plan(
+        analysis, ctx, track_opens=decision.track_opens, track_clicks=decision.track_clicks
+    )
+    sent.add_links(db, email_id, plan.tracked_links)
+    out = []
+    for delivery_id in delivery_ids:
+        out.append(
+            plan.render(
+                lambda pos, url, d=delivery_id: tokens.click_url(base_url, signer, d, pos, url),
+                tokens.open_url(base_url, signer, delivery_id),
+                tokens.honeypot_url(base_url, signer, delivery_id),
+            )
+        )
+    return out
+
+
+def _decoded_header(value) -> str:
+    if value is None:
+        return ""
+    from email.header import decode_header, make_header
+
+    try:
+        return str(make_header(decode_header(str(value))))
+    except Exception:
+        return str(value)

@@ -26,7 +26,13 @@ log = logging.getLogger("mailtally.relay")
 
 
 class RelaySMTP(SMTP):
-    """aiosmtpd's SMTP with AUTH-over-plaintext decided per client address."""
+    """aiosmtpd's SMTP with AUTH-over-plaintext decided per client address.
+
+    Lines up to 2 MiB are accepted in DATA (RFC 5321 says 1000, but real clients send
+    longer ones and refusing them would lose mail); the message goes out as it came.
+    """
+
+    line_length_limit = 2 * 1024 * 1024
 
     def __init__(self, *args, trusted: list, implicit_tls: bool, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -41,7 +47,7 @@ class RelaySMTP(SMTP):
             ip = ipaddress.ip_address(peer[0]) if peer else None
             if ip is not None and ip.version == 6 and ip.ipv4_mapped:
                 ip = ip.ipv4_mapped
-            trusted = ip is not None and (ip.is_loopback or any(ip in n for n in self._trusted))
+            trusted = ip is not None and any(ip in n for n in self._trusted)
         except (ValueError, TypeError):
             trusted = False
         self._auth_require_tls = not (trusted or self._implicit_tls)

@@ -152,3 +152,19 @@ def html_message(
         f"--XX\r\nContent-Type: text/html; charset={charset}\r\nContent-Transfer-Encoding: {cte}\r\n\r\n"
     )
     return head.encode() + body.encode() + html.encode(charset) + b"\r\n--XX--\r\n"
+
+
+class running_relay:
+    """``async with running_relay(settings) as svc:`` — the relay service for one test."""
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+
+    async def __aenter__(self):
+        from relay import service
+
+        self.svc = await service.start(self.settings)
+        return self.svc
+
+    async def __aexit__(self, *exc) -> None:
+        await self.svc.stop()

@@ -235,6 +235,7 @@ MIGRATIONS: list[Migration] = [
     ("tracker_0001_notifications", TRACKER_NOTIFICATIONS),
     ("ingest_0001_inbound_details", INGEST_INBOUND_DETAILS),
     ("reports_0001_people", report_schema.migrate_people),
+    ("reports_0002_triggers", report_schema.recreate_triggers),
 ]
 
 

@@ -174,3 +174,46 @@ def bulk_insert(
 def analyze(db: sqlite_utils.Database) -> None:
     """Refresh the query planner's statistics after a bulk load."""
     db.execute("ANALYZE")
+
+
+def table_counts(db: sqlite_utils.Database) -> dict[str, int]:
+    """Rows per table the reports read (benchmark sizes)."""
+    names = ("emails", "deliveries", "links", "events", "email_contacts", "contacts", "users")
+    return {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in names}
+
+
+def insert_events_measured(
+    db: sqlite_utils.Database, values: Sequence[Sequence], *, with_triggers: bool = True
+) -> None:
+    """Insert events 1000 per batch as the tracker's writer does, then roll everything back.
+
+    For the benchmark of what the report triggers cost on the write path: without them,
+    the insert trigger is dropped inside the same transaction and comes back on rollback.
+    """
+    columns = (
+        "kind",
+        "inferred",
+        "at",
+        "email_id",
+        "delivery_id",
+        "link_id",
+        "contact_id",
+        "anonymous",
+        "ip",
+        "user_agent",
+        "method",
+        "verdict",
+        "reason",
+    )
+    sql = f"INSERT INTO events ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+    conn = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if not with_triggers:
+            conn.execute("DROP TRIGGER reports_events_insert")
+        for i in range(0, len(values), 1000):
+            conn.execute("SAVEPOINT batch")
+            conn.executemany(sql, values[i : i + 1000])
+            conn.execute("RELEASE batch")
+    finally:
+        conn.execute("ROLLBACK")

@@ -1,0 +1,238 @@
+"""Reports over data made through the real paths: mail submitted with smtplib to a running
+relay (maildir upstream), BCC'd with smtplib to a running ingest; then the report JSON is
+asserted exactly (times, which nobody can predict, are read back from the store)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import email
+import json
+import re
+import smtplib
+import socket
+import time
+from email import policy
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import cli
+import store
+from store import contacts as store_contacts
+from store import emails as store_emails
+from store import reports
+from store import sent as store_sent
+from store import users as store_users
+
+PASSWORD = "report tests password"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_for(predicate, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+    return value
+
+
+@pytest.fixture
+def settings(tmp_path: Path):
+    s = cli.initialise(tmp_path / "data")
+    s.relay.listen = f"127.0.0.1:{free_port()}"
+    s.ingest.listen = f"127.0.0.1:{free_port()}"
+    port = free_port()
+    s.tracker.listen = f"127.0.0.1:{port}"
+    s.tracker.base_url = f"http://127.0.0.1:{port}"
+    return s
+
+
+@pytest.fixture
+def db(settings):
+    conn = store.connect(settings.db_path)
+    store_users.add_user(conn, "alice@seller.test", "Alice", PASSWORD)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+async def services(settings, db):
+    from ingest import service as ingest_service
+    from relay import service as relay_service
+
+    running = [await relay_service.start(settings), await ingest_service.start(settings)]
+    yield running
+    for svc in reversed(running):
+        await svc.stop()
+
+
+def report(settings, *args: str):
+    result = CliRunner().invoke(
+        cli.main, ["--config", str(settings.config_path), "report", *args, "--format", "json"]
+    )
+    assert result.exit_code == 0, (result.output, result.exception)
+    return json.loads(result.output)
+
+
+def delivered(settings) -> list[email.message.EmailMessage]:
+    path = Path(settings.relay.upstream[len("maildir:") :]) / "new"
+    files = sorted(path.iterdir()) if path.is_dir() else []
+    return [email.message_from_bytes(p.read_bytes(), policy=policy.default) for p in files]
+
+
+def submit(settings, raw: str, rcpts: list[str]) -> None:
+    host, port = settings.relay.listen.split(":")
+    with smtplib.SMTP(host, int(port), timeout=10) as smtp:
+        smtp.login("alice@seller.test", PASSWORD)
+        smtp.sendmail("alice@seller.test", rcpts, raw.encode())
+
+
+def bcc(settings, raw: str, rcpts: list[str]) -> None:
+    host, port = settings.ingest.listen.split(":")
+    with smtplib.SMTP(host, int(port), timeout=10) as smtp:
+        smtp.sendmail("alice@seller.test", rcpts, raw.encode())
+
+
+HTML_MAIL = """From: Alice <alice@seller.test>
+To: Bob <bob@acme.test>, carol@acme.test
+Subject: Proposal for Acme
+Message-ID: <proposal-1@seller.test>
+MIME-Version: 1.0
+Content-Type: text/html; charset=utf-8
+
+<html><body><p>Hello, see <a href="https://pricing.example.com/plans?a=1&amp;b=2">our plans</a>.</p></body></html>
+"""
+
+TEXT_MAIL = """From: Alice <alice@seller.test>
+To: erin@beta.test
+Subject: Quick note
+Message-ID: <note-1@seller.test>
+MIME-Version: 1.0
+Content-Type: text/plain; charset=utf-8
+
+Just text.
+"""
+
+
+def tracking_urls(msg) -> tuple[str, list[str]]:
+    html = msg.get_body(("html",)).get_content()
+    pixel = re.search(r'src="([^"]+/o/[^"]+)"', html).group(1)
+    clicks = re.findall(r'href="([^"]+/c/[^"]+)"', html)
+    return pixel, clicks
+
+
+async def test_sent_and_logged_mail_appear_exactly(settings, db, services) -> None:
+    store_contacts.ensure_contact(db, "bob@acme.test", company_domain="acme.test")
+    # smtplib blocks: it runs in a thread while the servers run on this loop.
+    await asyncio.to_thread(submit, settings, HTML_MAIL, ["bob@acme.test", "carol@acme.test"])
+    await asyncio.to_thread(submit, settings, TEXT_MAIL, ["erin@beta.test"])
+    await wait_for(lambda: len(delivered(settings)) == 3)
+    # Each recipient got its own copy, with its own pixel and tracked link.
+    copies = [m for m in delivered(settings) if m["Subject"] == "Proposal for Acme"]
+    assert len(copies) == 2 and len({tracking_urls(m)[0] for m in copies}) == 2
+
+    bcc_mail = (
+        "From: Alice <alice@seller.test>\nTo: Dan <dan@delta.test>\nSubject: Call recap\n"
+        "Date: Mon, 23 Nov 2026 08:00:00 +0000\nMessage-ID: <recap-1@seller.test>\n\nNotes.\n"
+    )
+    await asyncio.to_thread(bcc, settings, bcc_mail, [settings.ingest.bcc_address])
+    logged = await wait_for(
+        lambda: store_emails.find_email(db, "mid:recap-1@seller.test"), timeout=20
+    )
+    proposal = store_emails.find_email(db, "mid:proposal-1@seller.test")
+    note = store_emails.find_email(db, "mid:note-1@seller.test")
+    assert store_sent.deliveries_of(db, proposal["id"])  # one copy per recipient
+
+    def zero(address):
+        return {
+            "address": address,
+            "opens": 0,
+            "clicks": 0,
+            "first_open_at": None,
+            "last_open_at": None,
+            "inferred_open": False,
+            "replied": False,
+        }
+
+    def head(row, tracked, reason):
+        return {
+            "message_id": row["message_id"],
+            "subject": row["subject"],
+            "sent_at": row["sent_at"],
+            "user": "alice@seller.test",
+            "source": row["source"],
+            "tracked": {"opens": tracked, "clicks": tracked},
+            "untracked_reason": reason,
+            "opens": 0,
+            "clicks": 0,
+            "someone": {"opens": 0, "clicks": 0},
+        }
+
+    expected = {
+        "<note-1@seller.test>": {
+            **head(note, False, note["untracked_reason"]),
+            "recipients": [zero("erin@beta.test")],
+        },
+        "<proposal-1@seller.test>": {
+            **head(proposal, True, None),
+            "recipients": [zero("bob@acme.test"), zero("carol@acme.test")],
+        },
+        "<recap-1@seller.test>": {
+            **head(logged, False, logged["untracked_reason"] or reports.LOGGED_REASON),
+            "recipients": [zero("dan@delta.test")],
+        },
+    }
+    got = report(settings, "emails")
+    assert {e["message_id"]: e for e in got} == expected
+    # Newest first; the BCC'd mail carries its Date header's time.
+    assert [e["sent_at"] for e in got] == sorted((e["sent_at"] for e in got), reverse=True)
+    assert dt.datetime.fromisoformat(logged["sent_at"]) == dt.datetime(
+        2026, 11, 23, 8, tzinfo=dt.UTC
+    )
+    assert note["untracked_reason"]  # the relay says why plain text is not tracked
+    assert report(settings, "emails", "--untracked") == [
+        e for e in got if e["message_id"] != "<proposal-1@seller.test>"
+    ]
+    assert [e["message_id"] for e in report(settings, "emails", "--contact", "dan@delta.test")] == [
+        "<recap-1@seller.test>"
+    ]
+    users = report(settings, "users")
+    assert users == [
+        {
+            "user": "alice@seller.test",
+            "name": "Alice",
+            "sent": 2,
+            "logged": 1,
+            "tracked": 1,
+            "opened": 0,
+            "clicked": 0,
+            "replied": 0,
+            "open_rate": 0.0,
+            "click_rate": 0.0,
+            "reply_rate": 0.0,
+            "machine_hits": 0,
+            "self_hits": 0,
+        }
+    ]
+    links = report(settings, "links")
+    assert links == [
+        {
+            "message_id": "<proposal-1@seller.test>",
+            "subject": "Proposal for Acme",
+            "sent_at": proposal["sent_at"],
+            "user": "alice@seller.test",
+            "position": links[0]["position"],
+            "url": "https://pricing.example.com/plans?a=1&b=2",
+            "clicks": 0,
+            "unique_clicks": 0,
+            "someone_clicks": 0,
+        }
+    ]

@@ -19,11 +19,12 @@ LINK_TAGS = ("a", "area")
 _VISIBLE_TAGS = ("img", "svg", "video", "input", "button", "iframe", "object", "embed", "hr")
 _INVISIBLE = " \t\n\r\f\u00a0\u200b\u200c\u200d\u2060\ufeff\u034f\u00ad"
 
-# Out of normal flow, so that it changes nothing in the layout (a 1x1 image in flow adds a
-# line box in most templates); 1x1 and transparent where a client drops `position`.
+# Out of normal flow and pinned to the top-left corner, so that it changes nothing in the
+# layout (a 1x1 image in flow adds a line box in most templates; at its static position at
+# the bottom it could still grow the scrollable area by 1px); transparent, never clickable.
 PIXEL_STYLE = (
-    "position:absolute;display:block;width:1px;height:1px;max-width:1px;max-height:1px;"
-    "border:0;margin:0;padding:0;overflow:hidden;opacity:0;line-height:0;font-size:0"
+    "position:absolute;top:0;left:0;display:block;width:1px;height:1px;max-width:1px;max-height:1px;"
+    "border:0;margin:0;padding:0;overflow:hidden;opacity:0;pointer-events:none;line-height:0;font-size:0"
 )
 
 

@@ -188,13 +188,17 @@ class Postfix:
         except FileNotFoundError:
             return ""
 
-    def wait_for_log(self, pattern: str, timeout: float = 30) -> re.Match:
-        """Wait until the Postfix log has a line matching ``pattern``."""
+    def log_size(self) -> int:
+        """Where the log ends now (pass as ``since`` to see only what follows)."""
+        return len(self.log())
+
+    def wait_for_log(self, pattern: str, timeout: float = 30, since: int = 0) -> re.Match:
+        """Wait until the Postfix log (from offset ``since``) has a line matching ``pattern``."""
         rx = re.compile(pattern)
         found: list[re.Match] = []
 
         def seen() -> bool:
-            m = rx.search(self.log())
+            m = rx.search(self.log()[since:])
             if m:
                 found.append(m)
             return m is not None

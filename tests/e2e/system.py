@@ -164,8 +164,10 @@ class Mailtally:
         )
         log.close()
         proc = self.proc
+        ports = {"relay": self.relay_port, "ingest": self.ingest_port, "tracker": self.tracker_port}
         try:
-            for port in (self.relay_port, self.ingest_port, self.tracker_port):
+            for name in cli.available_services():
+                port = ports[name]
                 wait_for_port("127.0.0.1", port, timeout, alive=lambda: proc.poll() is None)
         except (RuntimeError, TimeoutError) as exc:
             self.stop()

@@ -115,8 +115,8 @@ def process(
         settings,
         user,
         control,
-        has_html=analysis.has_html if analysis else False,
-        visible=analysis.visible if analysis else False,
+        has_html=analysis.has_html if analysis else True,  # unknown: say why below
+        visible=analysis.visible if analysis else True,
         signed=analysis.signed if analysis else False,
     )
     if error and decision.tracked:

@@ -37,6 +37,14 @@ MACHINE_REASONS = [
     ("empty_user_agent", 2),
 ]
 UNTRACKED = [("plain_text", 55), ("empty_body", 15), ("disabled", 30)]
+# Bodies of a realistic size (1.5 KB of text, 6 KB of HTML) so that reading an email row
+# costs what it costs in production (overflow pages).
+TEXT_BODY = "Hello,\n\nfollowing our call, proposal {n} is attached.\n" + "Details. " * 170
+HTML_BODY = (
+    "<html><head><style>td{{padding:0}}</style></head><body><table><tr><td><p>{body}</p>"
+    + "<p>Section text with a <a href='https://example.com/x'>link</a>.</p>" * 60
+    + "</td></tr></table></body></html>"
+)
 UAS = [
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
     "Chrome/131.0.0.0 Safari/537.36",
@@ -128,9 +136,14 @@ def generate(path: Path, n_emails: int, n_events: int, seed: int = 7) -> dict:
                 reason = pick(rng, UNTRACKED)
         else:
             reason = "logged"
+        body = TEXT_BODY.format(n=e_id)
         emails.append(
             (
                 e_id,
+                body,
+                HTML_BODY.format(body=body)
+                if source == "relay" and reason != "plain_text"
+                else None,
                 f"<{e_id}.{seed}@mailtally-bench.com>",
                 f"mid:{e_id}.{seed}@mailtally-bench.com",
                 source,
@@ -167,6 +180,8 @@ def generate(path: Path, n_emails: int, n_events: int, seed: int = 7) -> dict:
                 logged_replies.append((e_id, recipients[0], sent))
     cols = [
         "id",
+        "text_body",
+        "html_body",
         "message_id",
         "message_key",
         "source",

@@ -236,6 +236,7 @@ MIGRATIONS: list[Migration] = [
     ("ingest_0001_inbound_details", INGEST_INBOUND_DETAILS),
     ("reports_0001_people", report_schema.migrate_people),
     ("reports_0002_triggers", report_schema.recreate_triggers),
+    ("reports_0003_emails_cover", report_schema.EMAILS_COVER),
 ]
 
 

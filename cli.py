@@ -201,13 +201,20 @@ def initialise(directory: Path, force: bool = False, domain: str = "localhost") 
     "--domain", default="localhost", show_default=True, help="Mail domain of the logging addresses."
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing config.toml.")
+@click.option("--tls", is_flag=True, help="Generate a self-signed certificate for the relay.")
 @pass_app
-def init(app: App, directory: Path | None, domain: str, force: bool) -> None:
+def init(app: App, directory: Path | None, domain: str, force: bool, tls: bool) -> None:
     """Write config.toml with fresh secrets and create the database."""
     directory = directory or (
         app.config_path.parent if app.config_path else Path(config.DEFAULT_DIR)
     )
     settings = initialise(directory, force, domain)
+    if tls:
+        from relay import tlscert
+
+        cert, _ = tlscert.enable_in_config(settings.config_path, domain)
+        settings = config.load(settings.config_path)
+        click.echo(f"Wrote a self-signed certificate {cert} (key mode 0600) for {domain}")
     click.echo(f"Wrote {settings.config_path} (mode 0600) and {settings.db_path}")
     click.echo(f"BCC logging address:        {settings.ingest.bcc_address}")
     click.echo(f"Forwarding logging address: {settings.ingest.forward_address}")
@@ -1178,6 +1185,74 @@ def report_users(
             "replied": "Reply",
             "machine": "Machine",
         },
+    )
+
+
+# --- relay: outbox and preview --------------------------------------------------------------
+
+
+@main.group(invoke_without_command=True)
+@click.option("--all", "show_all", is_flag=True, help="Include sent entries.")
+@format_option
+@click.pass_context
+def queue(ctx: click.Context, show_all: bool, fmt: str) -> None:
+    """The relay's outbox: pending, retrying and failed entries with the last error."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from store import outbox as store_outbox
+
+    app = ctx.find_object(App)
+    statuses = ["pending", "retrying", "failed"] + (["sent"] if show_all else [])
+    rows = store_outbox.listing(app.db, statuses)
+    for r in rows:
+        r["rcpts"] = ", ".join(r["rcpts"])
+        r["mail_from"] = r["mail_from"] or "<> (report)"
+    columns = ["id", "status", "created_at", "attempts", "next_attempt_at", "mail_from", "rcpts"]
+    emit(rows, fmt, columns + ["last_error"], empty="The outbox is empty: nothing waiting.")
+
+
+@queue.command("retry")
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--failed", "include_failed", is_flag=True, help="Also retry failed entries.")
+@pass_app
+def queue_retry(app: App, ids: tuple[int, ...], include_failed: bool) -> None:
+    """Make waiting entries (or the given IDS) due now; the running relay sends them."""
+    from store import outbox as store_outbox
+
+    count = store_outbox.retry_now(app.db, list(ids) or None, include_failed)
+    click.echo(f"{count} entr{'y' if count == 1 else 'ies'} will be retried now")
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--user", "user_email", help="The sending user (default: the owner of From).")
+@click.option(
+    "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the rewritten message."
+)
+@format_option
+@pass_app
+def preview(app: App, file: Path, user_email: str | None, output: Path | None, fmt: str) -> None:
+    """What the relay would send for FILE.eml: decision, links, pixel. Nothing is sent."""
+    from relay import preview as relay_preview
+
+    report, data = relay_preview.preview(app.settings, app.db, file.read_bytes(), user_email)
+    if output:
+        output.write_bytes(data)
+        report["output"] = str(output)
+    if fmt == "json":
+        emit_object(report, "json")
+        return
+    links = report.pop("links")
+    emit_object({k: v for k, v in report.items() if k != "steps"}, "table")
+    click.echo("")
+    for row in links:
+        row["tracked"] = "yes" if row["tracked"] else "no"
+    emit(
+        links,
+        fmt,
+        ["position", "tracked", "rule", "url", "text"],
+        title="Links",
+        empty="No links.",
     )
 
 

@@ -48,3 +48,20 @@ def generate_self_signed(cert_path: Path, key_path: Path, hostname: str, days: i
         fh.write(key_bytes)
     os.chmod(key_path, 0o600)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def enable_in_config(config_path: Path, hostname: str) -> tuple[Path, Path]:
+    """Generate ``relay.crt``/``relay.key`` next to the config and point ``[relay]`` at them."""
+    import tomllib
+
+    import config
+
+    directory = config_path.parent
+    cert, key = directory / "relay.crt", directory / "relay.key"
+    generate_self_signed(cert, key, hostname)
+    raw = tomllib.loads(config_path.read_text(encoding="utf-8"))
+    raw.setdefault("relay", {}).update({"tls_cert": cert.name, "tls_key": key.name})
+    fd = os.open(config_path, os.O_WRONLY | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(config.render(raw))
+    return cert, key

@@ -32,6 +32,8 @@ from relay.links import LinkContext, list_unsubscribe_urls
 
 MAX_LINE = 998
 CONTROL_HEADERS = ("x-mailtally-track", "x-mailtally-log")
+# Removed from every copy as well: a Bcc header would show hidden recipients to the others.
+REMOVED_HEADERS = (*CONTROL_HEADERS, "bcc")
 _STATEFUL = ("iso2022", "iso-2022", "utf_16", "utf-16", "utf_32", "utf-32", "utf_7", "utf-7", "hz")
 _FOLD_AT = re.compile(rb"[ \t](?=[A-Za-z_:][-A-Za-z0-9_:.]*\s*=)")
 
@@ -44,7 +46,7 @@ class RewriteError(Exception):
 
 
 def split_control_headers(data: bytes) -> tuple[bytes, dict[str, str]]:
-    """Remove ``X-Mailtally-Track``/``X-Mailtally-Log`` from the top header block.
+    """Remove ``X-Mailtally-Track``/``X-Mailtally-Log`` (and ``Bcc``) from the top header block.
 
     Returns the message without them (every other byte kept) and their values.
     """
@@ -62,7 +64,7 @@ def split_control_headers(data: bytes) -> tuple[bytes, dict[str, str]]:
             continue
         name, colon, value = line.partition(b":")
         current = name.strip().lower().decode("latin-1") if colon else ""
-        if current in CONTROL_HEADERS:
+        if current in REMOVED_HEADERS:
             found[current] = value.strip().decode("latin-1")
             continue
         current = ""

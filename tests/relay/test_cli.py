@@ -73,7 +73,10 @@ def test_preview_reports_decision_links_and_pixel(settings, alice, db, tmp_path)
         .get_body(("html",))
         .get_content()
     )
-    assert config.load(settings.config_path).tracker.base_url + "/o/" in html and "X-Mailtally" not in out.read_text()
+    assert (
+        config.load(settings.config_path).tracker.base_url + "/o/" in html
+        and "X-Mailtally" not in out.read_text()
+    )
     assert store_outbox.listing(db, ["pending", "retrying", "failed", "sent"]) == []
     assert db.execute("SELECT COUNT(*) FROM emails").fetchone()[0] == 0
     table = run(settings, "preview", str(eml))

@@ -160,12 +160,16 @@ def test_control_headers_removed_including_folded_lines():
     data = (
         HEAD.replace(
             b"Subject: t\r\n",
-            b"X-Mailtally-Track: opens,\r\n clicks\r\nSubject: t\r\nx-mailtally-log: yes\r\n",
+            b"X-Mailtally-Track: opens,\r\n clicks\r\nSubject: t\r\nx-mailtally-log: yes\r\nBcc: hidden@x.test\r\n",
         )
         + b"\r\nbody"
     )
     out, found = rewrite.split_control_headers(data)
-    assert found == {"x-mailtally-track": "opens, clicks", "x-mailtally-log": "yes"}
+    assert found == {
+        "x-mailtally-track": "opens, clicks",
+        "x-mailtally-log": "yes",
+        "bcc": "hidden@x.test",
+    }
     assert out == HEAD + b"\r\nbody"
 
 

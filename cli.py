@@ -928,7 +928,8 @@ def email_csv_rows(entry: dict, all_hits: bool) -> list[list]:
 
 
 def email_table(entries: list[dict], all_hits: bool) -> None:
-    """Emails as a rich table: one block per email, one line per recipient."""
+    """Emails as a rich table that reads in 80 columns: per email a line with its totals,
+    then one line per recipient (and Someone), with who replied and when they last opened."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -936,55 +937,39 @@ def email_table(entries: list[dict], all_hits: bool) -> None:
 
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
     table.add_column("Sent", no_wrap=True)
-    table.add_column("Email", ratio=3, overflow="fold")
-    table.add_column("Recipient", ratio=3, overflow="fold")
-    table.add_column("Opens", ratio=2)
-    table.add_column("Clicks", justify="right")
+    table.add_column("Email / recipient", ratio=1, overflow="fold")
+    table.add_column("Opens", justify="right", no_wrap=True)
+    table.add_column("Clicks", justify="right", no_wrap=True)
     for entry in entries:
+        tracked = entry["tracked"]["opens"] or entry["tracked"]["clicks"]
         title = Text(entry["subject"] or "(no subject)", style="bold")
         title.append(f"\n{entry['user'] or 'unattributed'} · {entry['source']}", style="dim")
-        people = []
-        tracked = entry["tracked"]["opens"] or entry["tracked"]["clicks"]
-        for r in entry["recipients"]:
-            opens = str(r["opens"])
-            if r["opens"]:
-                opens += f", last {relative_time(r['last_open_at'])}"
-            if r["inferred_open"]:
-                opens += " (inferred)"
-            name = r["address"] + (" ↩ replied" if r["replied"] else "")
-            extra = _others_text(r) if all_hits else ""
-            people.append(
-                (name, opens if tracked else "-", str(r["clicks"]) if tracked else "-", extra)
-            )
-        someone = entry["someone"]
-        if has_hits(someone, all_hits):
-            people.append(
-                (
-                    "Someone",
-                    str(someone["opens"]),
-                    str(someone["clicks"]),
-                    _others_text(someone) if all_hits else "",
-                )
-            )
         if not tracked:
-            people.append((f"not tracked: {entry['untracked_reason']}", "", "", ""))
+            title.append(f"\nnot tracked: {entry['untracked_reason']}", style="italic dim")
         if all_hits and _others_text(entry):
-            people.append((f"all: {_others_text(entry)}", "", "", ""))
-        if not people:
-            people.append(("", "", "", ""))
-        for i, (name, opens, clicks, extra) in enumerate(people):
-            cell = Text(name)
-            if name == "Someone" or name.startswith(("not tracked", "all: ")):
-                cell.stylize("italic")
-            if extra:
-                cell.append(f"\n{extra}", style="dim")
-            table.add_row(
-                when(entry["sent_at"]) if i == 0 else "",
-                title if i == 0 else "",
-                cell,
-                opens,
-                clicks,
-            )
+            title.append(f"\nall hits: {_others_text(entry)}", style="dim")
+        table.add_row(
+            when(entry["sent_at"]),
+            title,
+            str(entry["opens"]) if tracked else "-",
+            str(entry["clicks"]) if tracked else "-",
+        )
+        lines = [(r["address"], r) for r in entry["recipients"]]
+        if has_hits(entry["someone"], all_hits):
+            lines.append(("Someone", entry["someone"]))
+        for name, r in lines:
+            cell = Text("  " + name, style="italic" if name == "Someone" else "")
+            if r.get("replied"):
+                cell.append(" ↩ replied", style="bold")
+            notes = []
+            if r.get("last_open_at"):
+                notes.append(f"last open {relative_time(r['last_open_at'])}")
+            if all_hits and _others_text(r):
+                notes.append(_others_text(r))
+            if notes:
+                cell.append("\n  " + " · ".join(notes), style="dim")
+            opens = str(r["opens"]) + (" inferred" if r.get("inferred_open") else "")
+            table.add_row("", cell, opens if tracked else "", str(r["clicks"]) if tracked else "")
         table.add_section()
     Console(soft_wrap=False).print(table)
 

@@ -305,7 +305,7 @@ def test_table_shows_local_times_and_key_facts_in_80_columns(mt: Mt, world: Worl
             "not tracked: " + LOGGED,
             "Someone",
             "carol@acme.example ↩ replied",
-            "(inferred)",
+            "1 inferred",
             "d ago",
             "alice@seller.example · relay",
         ):

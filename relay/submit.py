@@ -21,6 +21,7 @@ from relay import mime, outbox, rewrite
 from relay.links import LinkContext
 from store import addresses, emails, sent
 from store import users as store_users
+from store.sql import transaction
 from tracker import tokens
 
 
@@ -125,29 +126,31 @@ def process(
     to_addrs = [a for _, a in addresses.parse_list(*(head.get_all("To") or []))]
     cc_addrs = [a for _, a in addresses.parse_list(*(head.get_all("Cc") or []))]
     subject = _decoded_header(head.get("Subject"))
-    email_id, _ = sent.record_email(
-        db,
-        message_key=key,
-        message_id=message_id,
-        user_id=user["id"],
-        from_addr=addresses.parse_list(*(head.get_all("From") or []))[0][1],
-        to_addrs=to_addrs,
-        cc_addrs=cc_addrs,
-        subject=subject,
-        track_opens=decision.track_opens,
-        track_clicks=decision.track_clicks,
-        untracked_reason=decision.reason,
-        rewrite_error=error,
-    )
+    shared = not settings.relay.per_recipient
+    groups = ([external] if shared else [[r] for r in external]) if external else []
+    with transaction(db):  # one commit for the email and its deliveries
+        email_id, delivery_ids = _record(
+            db,
+            groups,
+            shared,
+            **dict(
+                message_key=key,
+                message_id=message_id,
+                user_id=user["id"],
+                from_addr=addresses.parse_list(*(head.get_all("From") or []))[0][1],
+                to_addrs=to_addrs,
+                cc_addrs=cc_addrs,
+                subject=subject,
+                track_opens=decision.track_opens,
+                track_clicks=decision.track_clicks,
+                untracked_reason=decision.reason,
+                rewrite_error=error,
+            ),
+        )
 
     copies: list[outbox.Copy] = []
     base = dict(mail_from=mail_from, user_id=user["id"], email_id=email_id)
     if external:
-        shared = not settings.relay.per_recipient
-        groups = [external] if shared else [[r] for r in external]
-        delivery_ids = [
-            sent.add_delivery(db, email_id, None if shared else g[0], shared=shared) for g in groups
-        ]
         rendered: list[bytes] | None = None
         if decision.tracked and analysis is not None:
             try:
@@ -155,6 +158,8 @@ def process(
             except Exception as exc:  # fail open
                 error = f"rewrite: {type(exc).__name__}: {exc}"
                 sent.set_rewrite_error(db, email_id, error + "\n" + traceback.format_exc(limit=3))
+                decision.track_opens = decision.track_clicks = False
+                decision.reason = "rewrite-failed: " + error
                 rendered = None
         for i, (group, delivery_id) in enumerate(zip(groups, delivery_ids, strict=True)):
             body = rendered[i] if rendered is not None else data
@@ -180,6 +185,12 @@ def process(
             )
     ids = outbox.enqueue_copies(settings, db, copies)
     return Result(email_id, ids, decision, error, local, own, external)
+
+
+def _record(db, groups, shared, **email) -> tuple[int, list[int]]:
+    email_id, _ = sent.record_email(db, **email)
+    ids = [sent.add_delivery(db, email_id, None if shared else g[0], shared=shared) for g in groups]
+    return email_id, ids
 
 
 def _render_copies(settings, analysis, decision, delivery_ids, db, email_id) -> list[bytes]:

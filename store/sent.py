@@ -67,9 +67,13 @@ def record_email(
 
 
 def set_rewrite_error(db: sqlite_utils.Database, email_id: int, error: str) -> None:
-    """Rewriting failed (the original went out untouched): keep why."""
+    """Rewriting failed (the original went out untouched, so nothing is tracked): keep why."""
     with transaction(db):
-        db.execute("UPDATE emails SET rewrite_error = ? WHERE id = ?", [error[:2000], email_id])
+        db.execute(
+            """UPDATE emails SET rewrite_error = ?, track_opens = 0, track_clicks = 0,
+                   untracked_reason = ? WHERE id = ?""",
+            [error[:2000], "rewrite-failed: " + error.split("\n", 1)[0][:300], email_id],
+        )
 
 
 def add_delivery(

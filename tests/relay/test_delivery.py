@@ -288,3 +288,21 @@ async def test_sigkill_after_250_delivers_after_restart(settings, alice, db, tmp
     assert len(up.messages) == 1 and up.messages[0][1] == ["carol@client.test"]
     assert not os.path.exists(queued[0]["spool_path"])
     assert json.loads(json.dumps(queued[0]["rcpts"])) == ["carol@client.test"]
+
+
+async def test_one_megabyte_line_is_delivered_untouched_when_it_cannot_be_rewritten(
+    settings, alice, db
+):
+    html = (
+        "<html><body><p>"
+        + "x" * 1_000_000
+        + '<a href="https://example.com/a">a</a></p></body></html>'
+    )
+    msg = html_message(html)
+    async with running_relay(settings):
+        await submit(settings, ["carol@client.test"], msg)
+        (raw,) = await wait_for(lambda: maildir_messages(settings))
+    assert raw.endswith(msg)
+    (e,) = emails(db)
+    assert "998" in e["rewrite_error"] and e["untracked_reason"].startswith("rewrite-failed")
+    assert e["track_opens"] == 0 and e["track_clicks"] == 0

@@ -111,3 +111,15 @@ def test_init_tls_generates_a_usable_certificate(tmp_path):
     cert = x509.load_pem_x509_certificate((tmp_path / "d" / "relay.crt").read_bytes())
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "mail.corp.test" in names.get_values_for_type(x509.DNSName)
+
+
+async def test_relay_service_is_available_and_prints_where_it_listens(settings, alice):
+    from relay import service
+
+    assert "relay" in cli.available_services()
+    svc = await service.start(settings)
+    try:
+        banner = "\n".join(svc.banner())
+        assert settings.relay.listen in banner and "maildir:" in banner
+    finally:
+        await svc.stop()

@@ -22,6 +22,7 @@ import cli
 import store
 from store import contacts as store_contacts
 from store import emails as store_emails
+from store import events as store_events
 from store import reports
 from store import sent as store_sent
 from store import users as store_users
@@ -236,3 +237,90 @@ async def test_sent_and_logged_mail_appear_exactly(settings, db, services) -> No
             "someone_clicks": 0,
         }
     ]
+
+
+async def test_forwarded_reply_is_a_reply_and_an_inferred_open(settings, db, services) -> None:
+    """Bob answers the tracked proposal; Alice forwards his reply to the logging address:
+    the ingest files it on Bob and records a reply (and an inferred open) on his copy."""
+    await asyncio.to_thread(submit, settings, HTML_MAIL, ["bob@acme.test", "carol@acme.test"])
+    await wait_for(lambda: len(delivered(settings)) == 2)
+    forward = (
+        "From: Alice <alice@seller.test>\n"
+        f"To: {settings.ingest.forward_address}\n"
+        "Subject: Fwd: Re: Proposal for Acme\n"
+        "Message-ID: <fwd-1@seller.test>\n"
+        "Date: Mon, 23 Nov 2026 11:00:00 +0000\n"
+        "Content-Type: text/plain; charset=utf-8\n\n"
+        "FYI, he is in.\n\n"
+        "---------- Forwarded message ---------\n"
+        "From: Bob <bob@acme.test>\n"
+        "Date: Mon, 23 Nov 2026 10:15:00 +0000\n"
+        "Subject: Re: Proposal for Acme\n"
+        "To: Alice <alice@seller.test>\n\n"
+        "Looks good, let's talk on Monday.\n"
+    )
+    await asyncio.to_thread(bcc, settings, forward, [settings.ingest.forward_address])
+    proposal = store_emails.find_email(db, "mid:proposal-1@seller.test")
+    bob_copy = next(
+        d for d in store_sent.deliveries_of(db, proposal["id"]) if d["recipient"] == "bob@acme.test"
+    )
+    events = await wait_for(lambda: store_events.events_of_delivery(db, bob_copy["id"]))
+    assert sorted((e["kind"], e["inferred"]) for e in events) == [("open", 1), ("reply", 0)]
+    reply_at = next(e["at"] for e in events if e["kind"] == "reply")
+    assert dt.datetime.fromisoformat(reply_at) == dt.datetime(2026, 11, 23, 10, 15, tzinfo=dt.UTC)
+    logged = next(
+        e for e in store_events.events_of_email(db, proposal["id"]) if e["kind"] == "reply"
+    )
+    assert logged["verdict"] == "human"
+
+    got = {e["message_id"]: e for e in report(settings, "emails")}
+    assert got["<proposal-1@seller.test>"]["recipients"] == [
+        {
+            "address": "bob@acme.test",
+            "opens": 1,
+            "clicks": 0,
+            "first_open_at": reply_at,
+            "last_open_at": reply_at,
+            "inferred_open": True,
+            "replied": True,
+        },
+        {
+            "address": "carol@acme.test",
+            "opens": 0,
+            "clicks": 0,
+            "first_open_at": None,
+            "last_open_at": None,
+            "inferred_open": False,
+            "replied": False,
+        },
+    ]
+    assert (
+        got["<proposal-1@seller.test>"]["opens"],
+        got["<proposal-1@seller.test>"]["clicks"],
+    ) == (
+        1,
+        0,
+    )
+    fwd = [e for e in got.values() if e["source"] == "forward"]
+    assert len(fwd) == 1 and fwd[0]["subject"] == "Re: Proposal for Acme"
+    assert [r["address"] for r in fwd[0]["recipients"]] == ["bob@acme.test"]
+    assert fwd[0]["untracked_reason"]
+    # The contact's timeline has the sent proposal, its reply, the inferred open, the log.
+    detail = CliRunner().invoke(
+        cli.main,
+        [
+            "--config",
+            str(settings.config_path),
+            "contacts",
+            "show",
+            "bob@acme.test",
+            "--format",
+            "json",
+        ],
+    )
+    timeline = json.loads(detail.output)["timeline"]
+    kinds = sorted((t["kind"], t["detail"]) for t in timeline)
+    assert kinds == sorted(
+        [("sent", ""), ("reply", ""), ("open", "inferred"), ("logged", "forward")]
+    )
+    assert json.loads(detail.output)["last_reply_at"] == reply_at

@@ -36,7 +36,12 @@ MACHINE_REASONS = [
     ("honeypot", 2),
     ("empty_user_agent", 2),
 ]
-UNTRACKED = [("plain_text", 55), ("empty_body", 15), ("disabled", 30)]
+UNTRACKED = [
+    ("plain-text-only: no HTML part", 55),
+    ("empty-html: the HTML part shows nothing", 15),
+    ("header: X-Mailtally-Track: none", 20),
+    ("user-defaults: the user tracks neither opens nor clicks", 10),
+]
 # Bodies of a realistic size (1.5 KB of text, 6 KB of HTML) so that reading an email row
 # costs what it costs in production (overflow pages).
 TEXT_BODY = "Hello,\n\nfollowing our call, proposal {n} is attached.\n" + "Details. " * 170
@@ -131,7 +136,7 @@ def generate(path: Path, n_emails: int, n_events: int, seed: int = 7) -> dict:
             if rng.random() < 0.9:
                 t_opens, t_clicks = 1, int(rng.random() < 0.95)
                 if not t_clicks:
-                    reason = "clicks disabled"
+                    reason = "user-defaults: clicks off"
             else:
                 reason = pick(rng, UNTRACKED)
         else:
@@ -142,7 +147,7 @@ def generate(path: Path, n_emails: int, n_events: int, seed: int = 7) -> dict:
                 e_id,
                 body,
                 HTML_BODY.format(body=body)
-                if source == "relay" and reason != "plain_text"
+                if source == "relay" and not reason.startswith("plain-text")
                 else None,
                 f"<{e_id}.{seed}@mailtally-bench.com>",
                 f"mid:{e_id}.{seed}@mailtally-bench.com",

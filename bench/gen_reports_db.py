@@ -147,7 +147,7 @@ def generate(path: Path, n_emails: int, n_events: int, seed: int = 7) -> dict:
                 e_id,
                 body,
                 HTML_BODY.format(body=body)
-                if source == "relay" and not reason.startswith("plain-text")
+                if source == "relay" and not (reason or "").startswith("plain-text")
                 else None,
                 f"<{e_id}.{seed}@mailtally-bench.com>",
                 f"mid:{e_id}.{seed}@mailtally-bench.com",

@@ -237,6 +237,7 @@ MIGRATIONS: list[Migration] = [
     ("reports_0001_people", report_schema.migrate_people),
     ("reports_0002_triggers", report_schema.recreate_triggers),
     ("reports_0003_emails_cover", report_schema.EMAILS_COVER),
+    ("reports_0004_events_link", report_schema.EVENTS_LINK),
 ]
 
 

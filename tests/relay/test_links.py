@@ -178,3 +178,51 @@ def test_pixel_and_honeypot_follow_the_tracking_switches():
     assert "/o/" in out and "display:none" not in out
     _, out = rewrite_html(html, opens=False, clicks=True)
     assert "/o/" not in out and 'style="display:none!important"' in out
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_fragments = st.sampled_from(
+    [
+        '<a href="https://example.com/x?a=1&amp;b=2">go</a>',
+        "<a href='https://example.com/y'>",
+        "<a href=https://example.com/z>z</a>",
+        "<a href",
+        '<a href="https://example.com/unterminated',
+        "<!--",
+        "-->",
+        "<!--[if mso]>",
+        "<![endif]-->",
+        '<v:roundrect href="https://example.com/x?a=1&amp;b=2">',
+        "<style>",
+        "</style>",
+        "<script>",
+        "</body>",
+        "<blockquote>",
+        "</blockquote>",
+        "<",
+        ">",
+        "&amp;",
+        "www.example.com",
+        "</a>",
+        "text ü €",
+        '"',
+        "'",
+        " data-mailtally=notrack ",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_fragments, max_size=30))
+def test_any_markup_maps_back_to_the_original(parts):
+    """Broken or odd markup never breaks the splice: undoing the edits gives the input."""
+    html = "".join(parts)
+    plan, out = rewrite_html(html)
+    if any(e.kind == "remove" for e in plan.edits):
+        return  # a removed marker cannot be mapped back
+    assert map_back(html, plan, out) == html
+    assert [u for _, u in clicked_urls(out)] == [
+        e.url for e in sorted((e for e in plan.edits if e.kind == "click"), key=lambda e: e.start)
+    ]

@@ -997,6 +997,7 @@ def write_json_entries(texts: Iterable[str]) -> None:
 @period_options
 @click.option("--contact", metavar="EMAIL", help="Only emails to or logged on this contact.")
 @click.option("--tracked/--untracked", default=None, help="Only tracked / untracked emails.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many (newest) emails.")
 @all_hits_option
 @format_option
 @pass_app
@@ -1007,6 +1008,7 @@ def report_emails(
     user: str | None,
     contact: str | None,
     tracked: bool | None,
+    limit: int | None,
     all_hits: bool,
     fmt: str,
 ) -> None:
@@ -1014,13 +1016,14 @@ def report_emails(
     from store import reports
 
     filt = report_filter(since, until, user, contact, tracked)
-    texts = reports.iter_email_json(app.db, filt, all_hits=all_hits)
-    if fmt == "json":
+    texts = reports.iter_email_json(app.db, filt, all_hits=all_hits, limit=limit)
+    if fmt in ("json", "csv"):
         total = reports.count_emails(app.db, filt)
+        total = min(total, limit) if limit else total
+    if fmt == "json":
         write_json_entries(with_progress(texts, total, "Exporting emails"))
         return
     if fmt == "csv":
-        total = reports.count_emails(app.db, filt)
         out = click.get_text_stream("stdout")
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(EMAIL_CSV + (EMAIL_CSV_ALL if all_hits else []))

@@ -144,16 +144,22 @@ FROM emails e
 LEFT JOIN users u ON u.id = e.user_id
 {join}
 WHERE {where}
-ORDER BY e.sent_at DESC, e.id DESC"""
+ORDER BY e.sent_at DESC, e.id DESC
+LIMIT :limit"""
 
 
 def iter_email_json(
-    db: sqlite_utils.Database, filt: Filter | None = None, *, all_hits: bool = False
+    db: sqlite_utils.Database,
+    filt: Filter | None = None,
+    *,
+    all_hits: bool = False,
+    limit: int | None = None,
 ) -> Iterator[str]:
-    """The ``report emails`` entries as compact JSON texts, newest first."""
+    """The ``report emails`` entries as compact JSON texts, newest first (at most ``limit``)."""
     where, params = (filt or Filter()).sql(db)
     params["logged_reason"] = LOGGED_REASON
     params["empty"] = _EMPTY_TAIL_ALL if all_hits else _EMPTY_TAIL
+    params["limit"] = -1 if limit is None else limit
     for (text,) in db.conn.execute(_emails_sql(where, all_hits), params):
         yield text
 

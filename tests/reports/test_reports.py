@@ -247,6 +247,8 @@ def test_filters(mt: Mt, world: World) -> None:
     assert ids("--contact", ERIN) == ["e3", "e4"]
     assert ids("--contact", "Bob@Acme.example") == ["e1", "e4"]
     assert ids("--contact", "nobody@nowhere.example") == []
+    assert ids("--limit", "2") == ["e5", "e3"]
+    assert ids("--untracked", "--limit", "1") == ["e3"]
     # A filter narrows the list, never the entries: e1 keeps carol with --contact bob.
     assert report_json(mt, "--contact", BOB)[0] == EXPECTED[3]
 

@@ -93,7 +93,7 @@ def preview(
         "reason": d.reason or "tracked",
         "steps": d.notes,
         "pixel_added": pixel,
-        "links_tracked": sum(1 for link in links if link.get("tracked")),
+        "links_tracked": len({link["position"] for link in links if link["tracked"]}),
         "links": links,
         "rewrite_error": error,
         "control_headers_removed": sorted(control),

@@ -25,6 +25,16 @@ from store import users as store_users
 log = logging.getLogger("mailtally.relay")
 
 
+class _QuietLegacyWarning(logging.Filter):
+    """aiosmtpd 1.4 warns about its own use of ``Session.login_data`` on every AUTH."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "login_data is deprecated" not in record.getMessage()
+
+
+logging.getLogger("mail.log").addFilter(_QuietLegacyWarning())
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP with AUTH-over-plaintext decided per client address.
 

@@ -84,6 +84,7 @@ class TrackerSettings:
     sender_networks: list[str] = field(default_factory=list)
     machine_window_seconds: float = 5.0
     feed_token: str = ""
+    write_wait_seconds: float = 0.25
 
 
 @dataclass
@@ -101,6 +102,7 @@ class WebhookSettings:
     secret: str = ""
     all_hits: bool = False
     max_attempts: int = 6
+    backoff_seconds: float = 5.0
 
 
 SECTIONS: dict[str, type] = {

@@ -1,0 +1,205 @@
+"""The tracker's HTTP endpoints: pixel, click redirect, honeypot, live feed, health.
+
+A request never touches the database: the token carries the copy and the target URL, the
+hit goes to the batch writer, and the response waits at most ``write_wait_seconds`` for
+its commit. So the pixel and redirects keep working while the database is locked, and a
+click still redirects after its email was erased.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import time
+import urllib.parse
+
+from aiohttp import web
+
+import config
+from tracker import notify
+from tracker.netdata import NetworkSet
+from tracker.tokens import Signer
+from tracker.writer import BatchWriter, PendingHit, public_notice
+
+GIF = (
+    b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x01\x00\x00\x00"
+    b"\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+)
+NO_CACHE = "no-cache, no-store, must-revalidate, max-age=0"
+PIXEL_HEADERS = {
+    "Content-Type": "image/gif",
+    "Cache-Control": NO_CACHE,
+    "Pragma": "no-cache",
+    "Expires": "0",
+}
+NOT_FOUND_PAGE = (
+    "<!doctype html><html><head><meta charset=utf-8><title>Link not found</title></head>"
+    "<body><h1>Link not found</h1><p>This link is not valid. If you typed or copied it, "
+    "please check that it is complete.</p></body></html>"
+)
+HONEYPOT_PAGE = "<!doctype html><html><head><title>-</title></head><body></body></html>"
+PREFETCH_HEADERS = ("sec-purpose", "purpose", "x-moz", "x-purpose")
+FEED_HEARTBEAT = 15.0
+
+KEY_WRITER = web.AppKey("writer", BatchWriter)
+KEY_FEED = web.AppKey("feed", notify.Feed)
+
+
+class ClientAddress:
+    """The client's address: the socket peer, or X-Forwarded-For from a trusted proxy."""
+
+    def __init__(self, trusted_proxies: list[str]) -> None:
+        self.trusted = NetworkSet(trusted_proxies)
+        self.any_trusted = bool(trusted_proxies)
+
+    def __call__(self, request: web.Request) -> str:
+        peer = request.remote or ""
+        if not self.any_trusted or peer not in self.trusted:
+            return peer
+        # Walk the chain from the right: the first address not ours is the client.
+        chain = [
+            a.strip() for h in request.headers.getall("X-Forwarded-For", []) for a in h.split(",")
+        ]
+        client = peer
+        for addr in reversed([a for a in chain if a]):
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                break  # garbage in the header: trust nothing left of it
+            client = addr
+            if addr not in self.trusted:
+                break
+        return client
+
+
+def _location(url: str) -> str | None:
+    """The URL as a Location header value: exactly as stored, except that characters a
+    header cannot carry (non-ASCII) are percent-encoded. Only http(s) targets."""
+    if not url.lower().startswith(("http://", "https://")):
+        return None
+    if any(c in url for c in "\r\n\0"):
+        return None
+    if url.isascii():
+        return url
+    return urllib.parse.quote(url, safe="".join(chr(i) for i in range(0x21, 0x7F)))
+
+
+def make_app(settings: config.Settings, writer: BatchWriter, feed: notify.Feed) -> web.Application:
+    signer = Signer(settings.tracker.secrets)
+    client_address = ClientAddress(settings.tracker.trusted_proxies)
+    wait = settings.tracker.write_wait_seconds
+
+    async def record(request: web.Request, kind: str, token, url: str = "") -> None:
+        headers = {h: request.headers[h] for h in PREFETCH_HEADERS if h in request.headers}
+        hit = PendingHit(
+            kind=kind,
+            delivery_id=token.delivery_id,
+            position=token.position if kind == "click" else None,
+            url=url,
+            method=request.method,
+            user_agent=request.headers.get("User-Agent", ""),
+            ip=client_address(request),
+            at=time.time(),
+            headers=headers,
+        )
+        fut = writer.submit(hit)
+        try:  # group commit: normally a few ms; a slow disk only delays, never blocks
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), wait)
+        except TimeoutError:
+            pass
+
+    async def pixel(request: web.Request) -> web.Response:
+        tail = request.match_info["tail"]
+        token = signer.verify(tail[:-4] if tail.endswith(".gif") else tail)
+        if token is not None and token.kind == "open":
+            await record(request, "open", token)
+        return web.Response(body=GIF, headers=PIXEL_HEADERS)
+
+    async def click(request: web.Request) -> web.Response:
+        token = signer.verify(request.match_info["token"])
+        if token is not None and token.kind == "honeypot":
+            await record(request, "honeypot", token)
+            return web.Response(
+                text=HONEYPOT_PAGE,
+                content_type="text/html",
+                headers={"Cache-Control": NO_CACHE, "X-Robots-Tag": "noindex"},
+            )
+        location = _location(token.url) if token is not None and token.kind == "click" else None
+        if location is None:
+            return web.Response(
+                status=404,
+                text=NOT_FOUND_PAGE,
+                content_type="text/html",
+                headers={"Cache-Control": NO_CACHE},
+            )
+        await record(request, "click", token, token.url)
+        return web.Response(
+            status=302,
+            headers={
+                "Location": location,
+                "Cache-Control": NO_CACHE,
+                "Referrer-Policy": "no-referrer",
+            },
+        )
+
+    async def healthz(request: web.Request) -> web.Response:
+        ok = writer.alive
+        return web.json_response(
+            {"status": "ok" if ok else "writer stopped", "queued": writer.pending},
+            status=200 if ok else 503,
+        )
+
+    async def feed_handler(request: web.Request) -> web.StreamResponse:
+        expected = settings.tracker.feed_token
+        given = request.headers.get("Authorization", "")
+        given = given[7:] if given.lower().startswith("bearer ") else ""
+        if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
+            return web.json_response({"error": "feed token required"}, status=401)
+        user = request.query.get("user") or None
+        all_hits = request.query.get("all_hits", "") in ("1", "true", "yes")
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await resp.prepare(request)
+        q = feed.subscribe()
+        try:
+            await resp.write(b": connected\n\n")
+            while True:
+                try:
+                    notice = await asyncio.wait_for(q.get(), FEED_HEARTBEAT)
+                except TimeoutError:
+                    await resp.write(b": ping\n\n")
+                    continue
+                if notice.get("type") == "shutdown":
+                    break
+                if notify.wanted(notice, user, all_hits):
+                    data = json.dumps(public_notice(notice), ensure_ascii=False)
+                    await resp.write(f"event: {notice['type']}\ndata: {data}\n\n".encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            feed.unsubscribe(q)
+        return resp
+
+    @web.middleware
+    async def never_500(request: web.Request, handler):
+        """Whatever goes wrong, a pixel is still a GIF and nothing else is a traceback."""
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception:
+            if request.path.startswith("/o/"):
+                return web.Response(body=GIF, headers=PIXEL_HEADERS)
+            return web.Response(status=404, text=NOT_FOUND_PAGE, content_type="text/html")
+
+    app = web.Application(middlewares=[never_500])
+    app[KEY_WRITER] = writer
+    app[KEY_FEED] = feed
+    app.router.add_route("GET", "/o/{tail:.*}", pixel)  # GET routes answer HEAD too
+    app.router.add_route("GET", "/c/{token}", click)
+    app.router.add_route("GET", "/healthz", healthz)
+    app.router.add_route("GET", "/feed", feed_handler)
+    return app

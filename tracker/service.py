@@ -1,0 +1,79 @@
+"""The tracker as a service for ``mailtally run`` / ``mailtally tracker``."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+import config
+from tracker import classify, netdata
+from tracker.app import make_app
+from tracker.notify import Feed, WebhookSender
+from tracker.writer import BatchWriter
+
+
+def build_rules(settings: config.Settings) -> classify.Rules:
+    """Verdict rules from the settings and the network/user-agent data files."""
+    data_dir = settings.data_dir
+    return classify.Rules(
+        sender_networks=netdata.NetworkSet(settings.tracker.sender_networks),
+        apple=netdata.load_networks("apple-relay", data_dir),
+        microsoft=netdata.load_networks("microsoft-eop", data_dir),
+        scanners=netdata.load_networks("scanner-networks", data_dir),
+        scanner_user_agents=netdata.load_patterns(),
+        machine_window_seconds=settings.tracker.machine_window_seconds,
+    )
+
+
+class TrackerService:
+    """HTTP server + batch writer + webhook sender, stopped in the order that loses nothing."""
+
+    def __init__(self, settings: config.Settings) -> None:
+        self.settings = settings
+        self.host, self.port = config.parse_hostport("tracker.listen", settings.tracker.listen)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.feed = Feed(loop)
+        self.writer = BatchWriter(
+            self.settings, build_rules(self.settings), self.feed.publish_threadsafe
+        )
+        self.writer.start()
+        self.webhooks = WebhookSender(self.settings, self.feed.wake_webhooks)
+        await self.webhooks.start()
+        self.runner = web.AppRunner(
+            make_app(self.settings, self.writer, self.feed), access_log=None, shutdown_timeout=5.0
+        )
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.host, self.port, backlog=1024)
+        try:
+            await site.start()
+        except BaseException:
+            await self.runner.cleanup()
+            await asyncio.to_thread(self.writer.close)
+            await self.webhooks.stop()
+            raise
+        sockets = getattr(site._server, "sockets", None) or []  # noqa: SLF001
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+
+    def banner(self) -> list[str]:
+        return [
+            f"tracker  http://{self.host}:{self.port}  (public URL {self.settings.tracker.base_url})"
+        ]
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish, write every queued hit, then
+        let the webhook sender go (its queue is in the database, nothing is lost)."""
+        for q in list(self.feed.subscribers):
+            q.put_nowait({"type": "shutdown"})
+        await self.runner.cleanup()
+        await asyncio.to_thread(self.writer.close)
+        await self.webhooks.stop()
+
+
+async def start(settings: config.Settings) -> TrackerService:
+    service = TrackerService(settings)
+    await service.start()
+    return service

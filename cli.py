@@ -1244,5 +1244,101 @@ def preview(app: App, file: Path, user_email: str | None, output: Path | None, f
     )
 
 
+# --- tracker: live feed, webhooks, rule data ---------------------------------------------
+
+
+@main.command()
+@click.option("--user", "user_email", default=None, help="Only this user's emails.")
+@click.option("--all-hits", is_flag=True, help="Machine and self hits too (default: human only).")
+@click.option("--url", default=None, help="Feed URL (default: the tracker's listen address).")
+@pass_app
+def watch(app: App, user_email: str | None, all_hits: bool, url: str | None) -> None:
+    """Follow opens, clicks and replies live, one line per event."""
+    from tracker import watch as tracker_watch
+
+    if user_email:
+        store_users.get_user(app.db, user_email)
+    click.echo("Watching for opens and clicks; Ctrl-C to stop.", err=True)
+    try:
+        tracker_watch.run(app.settings, user_email, all_hits, lambda line: click.echo(line), url)
+    except PermissionError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot reach the tracker's live feed: {exc}")
+    except KeyboardInterrupt:
+        pass
+
+
+@main.group()
+def webhooks() -> None:
+    """Per-user webhooks (global URLs are in [webhooks] of the config)."""
+
+
+@webhooks.command("add")
+@click.argument("user")
+@click.argument("url")
+@click.option("--all-hits", is_flag=True, help="Machine and self hits too.")
+@pass_app
+def webhooks_add(app: App, user: str, url: str, all_hits: bool) -> None:
+    """Send USER's events to URL; prints the signing secret."""
+    from store import webhooks as store_webhooks
+
+    hook = store_webhooks.add_webhook(app.db, user, url, all_hits)
+    click.echo(f"Added webhook {hook['url']} for {hook['user']}")
+    click.echo(f"Signing secret: {hook['secret']}")
+
+
+@webhooks.command("remove")
+@click.argument("user")
+@click.argument("url")
+@pass_app
+def webhooks_remove(app: App, user: str, url: str) -> None:
+    """Stop sending USER's events to URL."""
+    from store import webhooks as store_webhooks
+
+    store_webhooks.remove_webhook(app.db, user, url)
+    click.echo(f"Removed webhook {url}")
+
+
+@webhooks.command("list")
+@format_option
+@pass_app
+def webhooks_list(app: App, fmt: str) -> None:
+    """Per-user webhooks with pending and failed deliveries."""
+    from store import webhooks as store_webhooks
+
+    emit(store_webhooks.list_webhooks(app.db), fmt, empty="No per-user webhooks.")
+
+
+@main.group("tracker-data")
+def tracker_data() -> None:
+    """Network lists behind the verdict rules (Apple relay, Microsoft EOP, scanners)."""
+
+
+@tracker_data.command("show")
+@format_option
+@pass_app
+def tracker_data_show(app: App, fmt: str) -> None:
+    """Which file each list comes from and its size."""
+    from tracker import netdata
+
+    emit(netdata.describe(app.settings.data_dir), fmt)
+
+
+@tracker_data.command("update")
+@click.argument("name", type=click.Choice(["apple-relay", "microsoft-eop", "scanner-networks"]))
+@click.option("--source", default=None, help="URL or file (default: the list's public source).")
+@pass_app
+def tracker_data_update(app: App, name: str, source: str | None) -> None:
+    """Install a fresh copy of a list under DATA_DIR/tracker-data (restart the tracker)."""
+    from tracker import netdata
+
+    try:
+        result = netdata.update(name, app.settings.data_dir, source)
+    except (ValueError, OSError) as exc:
+        fail(f"{name}: {exc}")
+    click.echo(f"Installed {result['networks']} networks for {name} in {result['path']}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

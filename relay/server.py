@@ -35,6 +35,13 @@ class _QuietLegacyWarning(logging.Filter):
 logging.getLogger("mail.log").addFilter(_QuietLegacyWarning())
 
 
+class _Deferred:
+    """Credentials whose check still has to run (off the event loop)."""
+
+    def __init__(self, mechanism: str, auth_data) -> None:
+        self.mechanism, self.auth_data = mechanism, auth_data
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP with AUTH-over-plaintext decided per client address.
 
@@ -48,6 +55,32 @@ class RelaySMTP(SMTP):
         super().__init__(*args, **kwargs)
         self._trusted = trusted
         self._implicit_tls = implicit_tls
+
+    # The scrypt check takes tens of milliseconds of CPU: aiosmtpd calls the authenticator
+    # synchronously, so it is deferred here and run in the handler's auth thread instead of
+    # stalling every other session on the event loop.
+    def _authenticate(self, mechanism: str, auth_data):  # type: ignore[override]
+        return _Deferred(mechanism, auth_data)
+
+    async def _finish(self, result):
+        if isinstance(result, _Deferred):
+            handler = self.event_handler
+            return await asyncio.get_running_loop().run_in_executor(
+                handler.auth_executor,
+                handler.authenticator,
+                self,
+                self.session,
+                self.envelope,
+                result.mechanism,
+                result.auth_data,
+            )
+        return result
+
+    async def auth_PLAIN(self, _, args):  # noqa: N802 (aiosmtpd's naming)
+        return await self._finish(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _, args):  # noqa: N802
+        return await self._finish(await super().auth_LOGIN(_, args))
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -70,11 +103,13 @@ class Handler:
         self.settings = settings
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-submit")
         self.db = store.connect(settings.db_path)
-        self.auth_db = store.connect(settings.db_path, migrate=False)  # used on the loop thread
+        self.auth_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-auth")
+        self.auth_db = store.connect(settings.db_path, migrate=False)  # used by auth_executor
         self.on_queued = on_queued
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+        self.auth_executor.shutdown(wait=True)
         self.db.close()
         self.auth_db.close()
 
@@ -84,7 +119,7 @@ class Handler:
     # --- AUTH ---------------------------------------------------------------------------------
 
     def authenticator(self, server, session: Session, envelope: Envelope, mechanism, auth_data):
-        """Called by aiosmtpd (synchronously): scrypt check of the relay password."""
+        """scrypt check of the relay password (runs in ``auth_executor``)."""
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
         try:

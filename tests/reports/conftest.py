@@ -22,6 +22,7 @@ from store import contacts as store_contacts
 from store import events as store_events
 from store import records
 from store import users as store_users
+from tests.reports.paths import PASSWORD, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -258,3 +259,36 @@ def build_world(db) -> World:
 @pytest.fixture
 def world(mt: Mt) -> World:
     return build_world(mt.db)
+
+
+# --- real servers (relay, ingest, tracker) ----------------------------------------------
+
+
+@pytest.fixture
+def settings(tmp_path: Path):
+    s = cli.initialise(tmp_path / "data")
+    s.relay.listen = f"127.0.0.1:{free_port()}"
+    s.ingest.listen = f"127.0.0.1:{free_port()}"
+    port = free_port()
+    s.tracker.listen = f"127.0.0.1:{port}"
+    s.tracker.base_url = f"http://127.0.0.1:{port}"
+    return s
+
+
+@pytest.fixture
+def db(settings):
+    conn = store.connect(settings.db_path)
+    store_users.add_user(conn, "alice@seller.test", "Alice", PASSWORD)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+async def services(settings, db):
+    from ingest import service as ingest_service
+    from relay import service as relay_service
+
+    running = [await relay_service.start(settings), await ingest_service.start(settings)]
+    yield running
+    for svc in reversed(running):
+        await svc.stop()

@@ -6,101 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import email
 import json
 import re
-import smtplib
-import socket
-import time
-from email import policy
-from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 import cli
-import store
 from store import contacts as store_contacts
 from store import emails as store_emails
 from store import events as store_events
 from store import reports
 from store import sent as store_sent
-from store import users as store_users
-
-PASSWORD = "report tests password"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def wait_for(predicate, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
-    return value
-
-
-@pytest.fixture
-def settings(tmp_path: Path):
-    s = cli.initialise(tmp_path / "data")
-    s.relay.listen = f"127.0.0.1:{free_port()}"
-    s.ingest.listen = f"127.0.0.1:{free_port()}"
-    port = free_port()
-    s.tracker.listen = f"127.0.0.1:{port}"
-    s.tracker.base_url = f"http://127.0.0.1:{port}"
-    return s
-
-
-@pytest.fixture
-def db(settings):
-    conn = store.connect(settings.db_path)
-    store_users.add_user(conn, "alice@seller.test", "Alice", PASSWORD)
-    yield conn
-    conn.close()
-
-
-@pytest.fixture
-async def services(settings, db):
-    from ingest import service as ingest_service
-    from relay import service as relay_service
-
-    running = [await relay_service.start(settings), await ingest_service.start(settings)]
-    yield running
-    for svc in reversed(running):
-        await svc.stop()
-
-
-def report(settings, *args: str):
-    result = CliRunner().invoke(
-        cli.main, ["--config", str(settings.config_path), "report", *args, "--format", "json"]
-    )
-    assert result.exit_code == 0, (result.output, result.exception)
-    return json.loads(result.output)
-
-
-def delivered(settings) -> list[email.message.EmailMessage]:
-    path = Path(settings.relay.upstream[len("maildir:") :]) / "new"
-    files = sorted(path.iterdir()) if path.is_dir() else []
-    return [email.message_from_bytes(p.read_bytes(), policy=policy.default) for p in files]
-
-
-def submit(settings, raw: str, rcpts: list[str]) -> None:
-    host, port = settings.relay.listen.split(":")
-    with smtplib.SMTP(host, int(port), timeout=10) as smtp:
-        smtp.login("alice@seller.test", PASSWORD)
-        smtp.sendmail("alice@seller.test", rcpts, raw.encode())
-
-
-def bcc(settings, raw: str, rcpts: list[str]) -> None:
-    host, port = settings.ingest.listen.split(":")
-    with smtplib.SMTP(host, int(port), timeout=10) as smtp:
-        smtp.sendmail("alice@seller.test", rcpts, raw.encode())
-
+from tests.reports.paths import bcc, delivered, report, submit, wait_for
 
 HTML_MAIL = """From: Alice <alice@seller.test>
 To: Bob <bob@acme.test>, carol@acme.test

@@ -83,6 +83,7 @@ def swaks(*args: str, data: bytes) -> subprocess.CompletedProcess:
         fh.flush()
         return subprocess.run(
             ["swaks", "--timeout", "30", *args, "--data", "@" + fh.name],
+            stdin=subprocess.DEVNULL,  # as in CI: nothing to prompt from
             capture_output=True,
             text=True,
             timeout=120,

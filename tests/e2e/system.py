@@ -132,6 +132,7 @@ class Mailtally:
         r = subprocess.run(
             [*mailtally_command(), *args],
             input=input,
+            stdin=subprocess.DEVNULL if input is None else None,
             capture_output=True,
             text=True,
             env=self.env(),

@@ -10,7 +10,11 @@ from tests.e2e.postfix import Postfix
 
 def swaks(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["swaks", "--timeout", "20", *args], capture_output=True, text=True, timeout=60
+        ["swaks", "--timeout", "20", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

@@ -1110,7 +1110,7 @@ def compact_table(rows: list[dict], headers: dict[str, str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, collapse_padding=True)
     for i, (key, header) in enumerate(headers.items()):
         numeric = all(isinstance(r[key], int) or str(r[key]).endswith("%") for r in rows)
         widest = max(len(line) for r in rows for line in _cell(r[key]).splitlines() or [""])
@@ -1119,7 +1119,7 @@ def compact_table(rows: list[dict], headers: dict[str, str]) -> None:
             justify="right" if numeric else "left",
             overflow="fold",
             no_wrap=numeric,
-            min_width=min(widest, 30) if i == 0 else None,
+            min_width=min(widest, 24) if i == 0 else None,
         )
     for r in rows:
         table.add_row(*[_cell(r[k]) for k in headers])

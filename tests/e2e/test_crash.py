@@ -1,5 +1,9 @@
 """Step 8 of the day: a 200-message burst, ``mailtally run`` SIGKILLed mid-burst and
-restarted; every message that got a 250 reaches Postfix's Maildir (duplicates allowed)."""
+restarted; every message that got a 250 reaches Postfix's Maildir (duplicates allowed).
+
+Half the burst goes to ``tempfail@…``, which Postfix answers 451 until after the restart,
+so that at the moment of the kill many accepted messages are certainly still in the
+relay's outbox (not only the few a fast upstream had not taken yet)."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from tests.e2e.postfix import Postfix, wait_until
 from tests.e2e.system import PASSWORD, Mailtally
 
 ALICE = "alice@acme.example"
-RCPT = "inbox@globex.example"
+INBOX, TEMPFAIL = "inbox@globex.example", "tempfail@globex.example"
 TOTAL, KILL_AFTER, CLIENTS = 200, 60, 4
 
 
@@ -26,9 +30,13 @@ def _tls() -> ssl.SSLContext:
     return context
 
 
+def _rcpt(n: int) -> str:
+    return TEMPFAIL if n % 2 else INBOX
+
+
 def _message(tag: str, n: int) -> bytes:
     html = f'<p>Update {n} — <a href="https://www.example.org/status?n={n}">status</a></p>'
-    return mail.compose(ALICE, [RCPT], f"Burst {tag} #{n:03d}", html=html).as_bytes()
+    return mail.compose(ALICE, [_rcpt(n)], f"Burst {tag} #{n:03d}", html=html).as_bytes()
 
 
 def _sender(
@@ -50,7 +58,7 @@ def _sender(
             except queue.Empty:
                 n = None
                 break
-            smtp.sendmail(ALICE, [RCPT], _message(tag, n))
+            smtp.sendmail(ALICE, [_rcpt(n)], _message(tag, n))
             with lock:
                 accepted.add(n)
             n = None
@@ -74,6 +82,7 @@ def _burst(system: Mailtally, tag: str, todo: queue.Queue, accepted: set[int], l
 
 def test_8_sigkill_mid_burst_loses_no_accepted_message(tmp_path_factory, postfix: Postfix) -> None:
     system = start_mailtally(tmp_path_factory.mktemp("crash"), postfix)
+    postfix.set_tempfail(True)
     try:
         system.add_user(ALICE, "Alice Archer")
         tag = secrets.token_hex(3)
@@ -100,13 +109,16 @@ def test_8_sigkill_mid_burst_loses_no_accepted_message(tmp_path_factory, postfix
                 if m.subject.startswith(prefix)
             }
 
+        at_kill = delivered() & before_kill
         print(
-            f"accepted before SIGKILL: {len(before_kill)}, "
-            f"in the Maildir at the kill: {len(delivered() & before_kill)}"
+            f"accepted before SIGKILL: {len(before_kill)}, in the Maildir at the kill: "
+            f"{len(at_kill)}, still queued: {len(before_kill - at_kill)}"
         )
+        assert before_kill - at_kill, "nothing was left in the outbox to survive the kill"
 
         # Restart on the same data directory; the relay resumes its outbox.
         system.start()
+        postfix.set_tempfail(False)
         threads = _burst(system, tag, todo, accepted, lock)
         for t in threads:
             t.join(timeout=120)
@@ -116,3 +128,4 @@ def test_8_sigkill_mid_burst_loses_no_accepted_message(tmp_path_factory, postfix
         wait_until(lambda: delivered() == set(range(TOTAL)), 120, "all 200 messages delivered")
     finally:
         system.stop()
+        postfix.set_tempfail(True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import uuid
 
+from tests.e2e.net import listening_sockets
 from tests.e2e.postfix import Postfix
+from tests.e2e.system import Mailtally
 
 
 def swaks(*args: str) -> subprocess.CompletedProcess:
@@ -53,3 +55,16 @@ def test_chromium_renders_a_local_page(browser, pages) -> None:
     finally:
         page.close()
     assert pages.hits("/setup.html")
+
+
+def test_everything_listens_only_on_127_0_0_1(mailtally: Mailtally, postfix: Postfix) -> None:
+    assert mailtally.proc is not None
+    served = listening_sockets(mailtally.proc.pid)
+    assert served == {
+        ("127.0.0.1", mailtally.relay_port),
+        ("127.0.0.1", mailtally.ingest_port),
+        ("127.0.0.1", mailtally.tracker_port),
+    }
+    master = postfix.master_pid()
+    assert master is not None
+    assert listening_sockets(master) == {("127.0.0.1", postfix.port)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import secrets
@@ -115,12 +116,15 @@ def authenticate(db: sqlite_utils.Database, login: str, password: str) -> dict |
     user = find_user(db, login)
     if user is None:
         # Spend the same time as a real check so that user names cannot be probed.
-        verify_password(password, _DUMMY_HASH)
+        verify_password(password, _dummy_hash())
         return None
     return user if verify_password(password, user["password_hash"]) else None
 
 
-_DUMMY_HASH = hash_password(secrets.token_hex(8))
+@functools.cache
+def _dummy_hash() -> str:
+    """A throwaway hash, made on first use so that CLI start-up does not pay for scrypt."""
+    return hash_password(secrets.token_hex(8))
 
 
 def set_defaults(

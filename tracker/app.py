@@ -188,6 +188,9 @@ def make_app(settings: config.Settings, writer: BatchWriter, feed: notify.Feed) 
         """Whatever goes wrong, a pixel is still a GIF and nothing else is a traceback."""
         try:
             return await handler(request)
+        except web.HTTPNotFound:
+            # Unrouted paths (e.g. /c/a/b) get the same plain page as a bad token.
+            return web.Response(status=404, text=NOT_FOUND_PAGE, content_type="text/html")
         except web.HTTPException:
             raise
         except Exception:
@@ -198,8 +201,8 @@ def make_app(settings: config.Settings, writer: BatchWriter, feed: notify.Feed) 
     app = web.Application(middlewares=[never_500])
     app[KEY_WRITER] = writer
     app[KEY_FEED] = feed
-    app.router.add_route("GET", "/o/{tail:.*}", pixel)  # GET routes answer HEAD too
-    app.router.add_route("GET", "/c/{token}", click)
-    app.router.add_route("GET", "/healthz", healthz)
-    app.router.add_route("GET", "/feed", feed_handler)
+    app.router.add_get("/o/{tail:.*}", pixel)  # add_get answers HEAD too
+    app.router.add_get("/c/{token}", click)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/feed", feed_handler, allow_head=False)
     return app

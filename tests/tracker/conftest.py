@@ -1,20 +1,46 @@
-"""Fixtures for the tracker tests: a real SQLite file and sent copies made through store/."""
+"""Fixtures for the tracker tests: real config and SQLite file, sent copies made through
+store/, a real tracker service on a free loopback port."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import socket
+import time
+
 import pytest
 
+import cli
 import store
 from store import contacts as store_contacts
 from store import tracking
 from store import users as store_users
+from tracker import service, tokens
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture
-def db(tmp_path):
-    database = store.connect(tmp_path / "mailtally.db")
+def settings(tmp_path):
+    s = cli.initialise(tmp_path / "data")
+    port = free_port()
+    s.tracker.listen = f"127.0.0.1:{port}"
+    s.tracker.base_url = f"http://127.0.0.1:{port}"
+    return s
+
+
+@pytest.fixture
+def db(settings):
+    database = store.connect(settings.db_path)
     yield database
     database.close()
+
+
+HOUR_AGO = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).isoformat()
 
 
 @pytest.fixture
@@ -28,7 +54,8 @@ def sent(db):
         subject="Proposal",
         shared=False,
         basis="unknown",
-        delivered_at=None,
+        delivered_at=HOUR_AGO,
+        user_id=None,
     ):
         pairs = []
         for addr in recipients:
@@ -38,7 +65,7 @@ def sent(db):
             pairs.append((addr, contact["id"]))
         made = tracking.add_sent_email(
             db,
-            user_id=user["id"],
+            user_id=user_id or user["id"],
             subject=subject,
             recipients=pairs,
             links=list(links),
@@ -51,3 +78,23 @@ def sent(db):
         return made
 
     return make
+
+
+@pytest.fixture
+async def tracker(settings):
+    """A running tracker service; yields (service, base_url, signer)."""
+    svc = await service.start(settings)
+    yield svc, settings.tracker.base_url, tokens.Signer(settings.tracker.secrets)
+    await svc.stop()
+
+
+async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
+    """Poll ``predicate`` (sync) until it returns something truthy; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)

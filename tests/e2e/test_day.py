@@ -283,6 +283,44 @@ def test_2_chromium_human_open_and_click_headless_is_machine(day: Day, browser) 
     assert person(found, CAROL)["machine"]["opens"] == 0
 
 
+# --- 3. HEAD and a Safe-Links-like scanner --------------------------------------------------
+
+
+def test_3_head_and_safe_links_requests_are_machine(day: Day) -> None:
+    system = day.system
+    assert day.copies, "step 1 did not deliver"
+    past_machine_window(system, day.copies[ERIN])
+    base = system.settings.tracker.base_url
+    link = tracker_urls(day.copies[ERIN].html() or "", base, "c")[1]  # the case study
+
+    # Safe Links fetches the link from Microsoft's network, looking like a browser.
+    scan = http_request(link, "GET", {"User-Agent": DESKTOP_UA, "X-Forwarded-For": SAFE_LINKS_IP})
+    assert scan.status == 302 and scan.getheader("Location") == day.links[1]
+    wait_for_report(
+        system,
+        day.subject,
+        lambda e: person(e, ERIN)["machine"]["clicks"] == 1,
+        "the Safe Links click recorded as machine",
+        all_hits=True,
+    )
+    head = http_request(link, "HEAD", {"User-Agent": DESKTOP_UA})
+    assert head.status == 302 and head.getheader("Location") == day.links[1]
+
+    found = wait_for_report(
+        system,
+        day.subject,
+        lambda e: person(e, ERIN)["machine"]["clicks"] == 2,
+        "Erin's two machine clicks",
+        all_hits=True,
+    )
+    erin = person(found, ERIN)
+    assert erin["opens"] == 0 and erin["clicks"] == 0
+    assert erin["machine"]["reasons"]["microsoft_defender_network"] == 1
+    assert sum(erin["machine"]["reasons"].values()) == 2  # and one for the HEAD request
+    human = person(entry(system, day.subject), ERIN)
+    assert (human["opens"], human["clicks"], human["inferred_open"]) == (0, 0, False)
+
+
 # --- 4. replies forwarded to the forwarding address -----------------------------------------
 
 
@@ -403,3 +441,71 @@ def test_5_bcc_logging_with_attachment_skips_never_log_domain(day: Day) -> None:
     assert [(r[0], r[2]) for r in rows] == [("kickoff-notes.pdf", len(notes))]
     stored = [p for p in Path(system.settings.data_dir, "attachments").rglob(rows[0][1] + "*")]
     assert stored and stored[0].read_bytes() == notes
+
+
+# --- 6. the reports -------------------------------------------------------------------------
+
+
+def test_6_reports_give_exact_numbers_for_the_day(day: Day) -> None:
+    system = day.system
+    report = emails_report(system)
+    mine = [e for e in report if day.tag in (e["subject"] or "")]
+    by_subject = {e["subject"]: e for e in mine}
+    assert sorted(by_subject) == sorted(
+        [
+            day.subject,
+            f"Re: {day.subject}",
+            f"RE: {day.subject}",
+            f"Umbrella kickoff notes {day.tag}",
+        ]
+    ), [e["subject"] for e in mine]
+
+    sent = by_subject[day.subject]
+    assert sent["user"] == ALICE and sent["source"] == "relay"
+    assert sent["tracked"] == {"opens": True, "clicks": True}
+    got = {
+        r["address"]: (r["opens"], r["clicks"], r["inferred_open"], r["replied"])
+        for r in sent["recipients"]
+    }
+    assert got == {
+        CAROL: (1, 1, False, True),
+        DAVE: (1, 0, True, True),
+        ERIN: (0, 0, False, False),
+    }
+    assert sent["opens"] == 2 and sent["clicks"] == 1
+    assert sent["someone"] == {"opens": 0, "clicks": 0}
+
+    for subject, source in (
+        (f"Re: {day.subject}", "forward"),
+        (f"RE: {day.subject}", "forward"),
+        (f"Umbrella kickoff notes {day.tag}", "bcc"),
+    ):
+        logged = by_subject[subject]
+        assert logged["source"] == source and logged["user"] == ALICE
+        assert logged["opens"] == 0 and logged["clicks"] == 0
+
+    everything = {e["subject"]: e for e in emails_report(system, all_hits=True)}
+    machine = {r["address"]: r["machine"] for r in everything[day.subject]["recipients"]}
+    assert (machine[DAVE]["opens"], machine[DAVE]["clicks"]) == (1, 0)
+    assert (machine[ERIN]["opens"], machine[ERIN]["clicks"]) == (0, 2)
+    assert (machine[CAROL]["opens"], machine[CAROL]["clicks"]) == (0, 0)
+
+    expected = {
+        # email: (emails on the timeline, opens, clicks, replies)
+        CAROL: (2, 1, 1, 1),
+        DAVE: (2, 1, 0, 1),
+        ERIN: (1, 0, 0, 0),
+        FRANK: (1, 0, 0, 0),
+        HEIDI: (1, 0, 0, 0),
+    }
+    for who, numbers in expected.items():
+        shown = system.cli_json("contacts", "show", who)
+        assert (shown["emails"], shown["opens"], shown["clicks"], shown["replies"]) == numbers, (
+            who,
+            shown,
+        )
+    carol = system.cli_json("contacts", "show", CAROL)
+    assert carol["company"] == "globex.example"
+    assert carol["last_open_at"] and carol["last_click_at"] and carol["last_reply_at"]
+    erin = system.cli_json("contacts", "show", ERIN)
+    assert erin["last_open_at"] is None and erin["last_click_at"] is None

@@ -14,16 +14,13 @@ JSON (envelope and meta) followed by the raw message bytes. Entries are written 
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import config
-from store import now_iso
+from store import now_iso, spoolfile
 
 SPOOL_DIR = "ingest-spool"
 
@@ -63,52 +60,19 @@ def spool_dir(settings: config.Settings) -> Path:
     return settings.data_dir / SPOOL_DIR
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _new_id() -> str:
-    # Time-ordered so that a directory listing sorted by name is arrival order.
-    return f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
 def write(
     root: Path, mail_from: str, rcpts: list[str], data: bytes, meta: dict | None = None
 ) -> Entry:
     """Write one entry durably (fsync of file and directories) and return it."""
     tmp_dir, new_dir = root / "tmp", root / "new"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    new_dir.mkdir(parents=True, exist_ok=True)
     envelope = {
         "mail_from": mail_from or "",
         "rcpts": list(rcpts),
         "meta": dict(meta or {}),
         "received_at": now_iso(),
     }
-    head = json.dumps(envelope, ensure_ascii=True).encode() + b"\n"
-    name = _new_id() + ".msg"
-    tmp = tmp_dir / name
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(head + data) if len(data) < (1 << 20) else None
-        if view is not None:
-            while view:
-                view = view[os.write(fd, view) :]
-        else:
-            for chunk in (head, data):
-                mv = memoryview(chunk)
-                while mv:
-                    mv = mv[os.write(fd, mv) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    final = new_dir / name
-    os.rename(tmp, final)
-    _fsync_dir(new_dir)
+    final = spoolfile.write(tmp_dir, new_dir, envelope, data, ".msg")
+    spoolfile.fsync_dir(new_dir)
     _wake()
     return Entry(
         final,
@@ -116,7 +80,7 @@ def write(
         envelope["rcpts"],
         envelope["meta"],
         envelope["received_at"],
-        len(head),
+        len(spoolfile.header_bytes(envelope)),
     )
 
 
@@ -131,7 +95,7 @@ def read(path: Path) -> Entry:
         list(envelope.get("rcpts", [])),
         dict(envelope.get("meta", {})),
         envelope.get("received_at", ""),
-        len(head),
+        len(spoolfile.header_bytes(envelope)),
     )
 
 

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlite_utils
 
 import config
-from store import now_iso
+from store import now_iso, spoolfile
 from store import outbox as store_outbox
 
 SPOOL_DIR = "relay-spool"
@@ -43,24 +41,8 @@ def spool_dir(settings: config.Settings) -> Path:
     return settings.data_dir / SPOOL_DIR
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _new_name() -> str:
-    return f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}.eml"
-
-
 def write_spool(root: Path, copy: Copy) -> Path:
     """Write one spool file durably (tmp → fsync → rename); the directory is fsync'd by caller."""
-    tmp_dir = root / "tmp"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    name = _new_name()
-    tmp = tmp_dir / name
     head = {
         "mail_from": copy.mail_from,
         "rcpts": copy.rcpts,
@@ -69,19 +51,7 @@ def write_spool(root: Path, copy: Copy) -> Path:
         "meta": copy.meta,
         "created_at": now_iso(),
     }
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, json.dumps(head).encode() + b"\n")
-        view = memoryview(copy.data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    final = root / name
-    os.rename(tmp, final)
-    return final
+    return spoolfile.write(root / "tmp", root, head, copy.data, ".eml")
 
 
 def read_spool(path: Path | str) -> tuple[dict, bytes]:
@@ -107,7 +77,7 @@ def enqueue_copies(
     root = spool_dir(settings)
     root.mkdir(parents=True, exist_ok=True)
     paths = [write_spool(root, c) for c in copies]
-    _fsync_dir(root)
+    spoolfile.fsync_dir(root)
     store_outbox.durable(db)
     return store_outbox.add(
         db,

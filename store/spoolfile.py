@@ -1,0 +1,53 @@
+"""Durable spool files shared by the relay outbox and the ingest spool.
+
+A spool file is one JSON header line followed by the raw message. It is written to
+``tmp/``, fsync'd, then renamed into place, so a crash leaves either nothing or a whole
+file; the caller fsyncs the target directory once (it may batch several files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+
+
+def new_name(suffix: str) -> str:
+    """Time-ordered, unique name: a directory listing sorted by name is arrival order."""
+    return f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename into ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def header_bytes(head: dict) -> bytes:
+    """The header line as written (its length is where the message starts)."""
+    return json.dumps(head, ensure_ascii=True).encode() + b"\n"
+
+
+def write(tmp_dir: Path, final_dir: Path, head: dict, data: bytes, suffix: str) -> Path:
+    """Write ``head`` + ``data`` durably under ``final_dir``; mode 0600; return the path."""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    final_dir.mkdir(parents=True, exist_ok=True)
+    name = new_name(suffix)
+    tmp = tmp_dir / name
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for chunk in (header_bytes(head), data):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    final = final_dir / name
+    os.rename(tmp, final)
+    return final

@@ -46,7 +46,13 @@ async def test_pixel_is_always_the_gif(tracker, sent, db):
     made = sent()
     good = tokens.open_url(base, signer, made["deliveries"][0])
     async with aiohttp.ClientSession() as s:
-        for url in [good, f"{base}/o/garbage.gif", f"{base}/o/", f"{base}/o/%00<x>.gif", f"{base}/o/a/b.gif"]:
+        for url in [
+            good,
+            f"{base}/o/garbage.gif",
+            f"{base}/o/",
+            f"{base}/o/%00<x>.gif",
+            f"{base}/o/a/b.gif",
+        ]:
             for method in ("GET", "HEAD"):
                 status, headers, body = await get(s, url, method)
                 assert status == 200, url
@@ -54,7 +60,9 @@ async def test_pixel_is_always_the_gif(tracker, sent, db):
                 assert headers["Content-Type"] == "image/gif"
                 if method == "GET":
                     assert len(body) == 43 and body.startswith(b"GIF89a")
-    got = await wait_for(lambda: len(events_of(db, made["email_id"])) == 2 and events_of(db, made["email_id"]))
+    got = await wait_for(
+        lambda: len(events_of(db, made["email_id"])) == 2 and events_of(db, made["email_id"])
+    )
     assert [(e["kind"], e["method"], e["verdict"], e["reason"]) for e in got] == [
         ("open", "GET", "human", "human"),
         ("open", "HEAD", "machine", "head_request"),
@@ -69,13 +77,19 @@ async def test_click_redirects_to_the_exact_url_and_infers_an_open(tracker, sent
     d = made["deliveries"][0]
     async with aiohttp.ClientSession() as s:
         for position in (0, 2):
-            status, headers, _ = await get(s, tokens.click_url(base, signer, d, position, TRICKY[position]))
+            status, headers, _ = await get(
+                s, tokens.click_url(base, signer, d, position, TRICKY[position])
+            )
             assert status == 302
             assert headers["Location"] == TRICKY[position]
         for position in (1, 3):  # HEAD is answered too (and is a machine)
-            status, headers, _ = await get(s, tokens.click_url(base, signer, d, position, TRICKY[position]), "HEAD")
+            status, headers, _ = await get(
+                s, tokens.click_url(base, signer, d, position, TRICKY[position]), "HEAD"
+            )
             assert status == 302 and headers["Location"] == TRICKY[position]
-    got = await wait_for(lambda: len(events_of(db, made["email_id"])) == 5 and events_of(db, made["email_id"]))
+    got = await wait_for(
+        lambda: len(events_of(db, made["email_id"])) == 5 and events_of(db, made["email_id"])
+    )
     human_clicks = [e for e in got if e["kind"] == "click" and e["verdict"] == "human"]
     assert [e["link_id"] for e in human_clicks] == [made["links"][0], made["links"][2]]
     inferred = [e for e in got if e["inferred"]]
@@ -113,16 +127,26 @@ async def test_tampered_tokens_get_404_and_nothing_reflected(tracker, sent, db):
     spliced = [
         base64.urlsafe_b64encode(swapped_position + tag2).rstrip(b"=").decode(),
         base64.urlsafe_b64encode(
-            swapped_position + base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))[-tokens.TAG_BYTES :]
-        ).rstrip(b"=").decode(),
+            swapped_position
+            + base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))[-tokens.TAG_BYTES :]
+        )
+        .rstrip(b"=")
+        .decode(),
     ]
-    randoms = [base64.urlsafe_b64encode(os.urandom(n)).rstrip(b"=").decode() for n in (1, 8, 16, 40, 200)]
-    bad = _tampered(token, rng) + spliced + randoms + [
-        signer.open_token(d1),  # an open token is no link
-        "<script>alert(1)</script>",
-        "%3Cscript%3Ealert(1)%3C%2Fscript%3E",
-        "..%2F..%2Fetc%2Fpasswd",
+    randoms = [
+        base64.urlsafe_b64encode(os.urandom(n)).rstrip(b"=").decode() for n in (1, 8, 16, 40, 200)
     ]
+    bad = (
+        _tampered(token, rng)
+        + spliced
+        + randoms
+        + [
+            signer.open_token(d1),  # an open token is no link
+            "<script>alert(1)</script>",
+            "%3Cscript%3Ealert(1)%3C%2Fscript%3E",
+            "..%2F..%2Fetc%2Fpasswd",
+        ]
+    )
     async with aiohttp.ClientSession() as s:
         for t in bad:
             if not t:
@@ -144,13 +168,23 @@ async def test_tampered_tokens_get_404_and_nothing_reflected(tracker, sent, db):
 async def test_rotation_old_secret_verifies_removed_secret_does_not(settings, sent, db):
     made = sent()
     old_signer = tokens.Signer(settings.tracker.secrets)
-    old_link = tokens.click_url(settings.tracker.base_url, old_signer, made["deliveries"][0], 0, "https://pricing.example.com/plans?a=1&b=2#top")
+    old_link = tokens.click_url(
+        settings.tracker.base_url,
+        old_signer,
+        made["deliveries"][0],
+        0,
+        "https://pricing.example.com/plans?a=1&b=2#top",
+    )
     settings.tracker.secrets = ["new-secret-" + "n" * 24, *settings.tracker.secrets]
     svc = await service.start(settings)
     try:
         new_signer = tokens.Signer(settings.tracker.secrets)
-        new_link = tokens.click_url(settings.tracker.base_url, new_signer, made["deliveries"][0], 0, "https://x.example/")
-        assert new_link != old_link and tokens.Signer(settings.tracker.secrets[:1]).verify(new_link.rsplit("/", 1)[1])
+        new_link = tokens.click_url(
+            settings.tracker.base_url, new_signer, made["deliveries"][0], 0, "https://x.example/"
+        )
+        assert new_link != old_link and tokens.Signer(settings.tracker.secrets[:1]).verify(
+            new_link.rsplit("/", 1)[1]
+        )
         async with aiohttp.ClientSession() as s:
             assert (await get(s, old_link))[0] == 302
             assert (await get(s, new_link))[0] == 302
@@ -169,7 +203,9 @@ async def test_rotation_old_secret_verifies_removed_secret_does_not(settings, se
 async def test_click_after_the_email_was_erased(tracker, sent, db):
     _, base, signer = tracker
     made = sent()
-    link = tokens.click_url(base, signer, made["deliveries"][0], 0, "https://pricing.example.com/plans?a=1&b=2#top")
+    link = tokens.click_url(
+        base, signer, made["deliveries"][0], 0, "https://pricing.example.com/plans?a=1&b=2#top"
+    )
     store_contacts.forget(db, "bob@acme.example")
     assert tracking.copy_context(db, made["deliveries"][0]) is None
     before = store_events.count_events(db)
@@ -192,10 +228,14 @@ conn.execute("ROLLBACK")
 """
 
 
-async def test_click_redirects_while_another_process_holds_an_exclusive_lock(tracker, sent, db, settings):
+async def test_click_redirects_while_another_process_holds_an_exclusive_lock(
+    tracker, sent, db, settings
+):
     _, base, signer = tracker
     made = sent()
-    link = tokens.click_url(base, signer, made["deliveries"][0], 0, "https://pricing.example.com/plans?a=1&b=2#top")
+    link = tokens.click_url(
+        base, signer, made["deliveries"][0], 0, "https://pricing.example.com/plans?a=1&b=2#top"
+    )
     locker = subprocess.Popen(
         [sys.executable, "-c", LOCKER, str(settings.db_path)],
         stdin=subprocess.PIPE,
@@ -209,7 +249,9 @@ async def test_click_redirects_while_another_process_holds_an_exclusive_lock(tra
             status, headers, _ = await get(s, link)
             elapsed = time.monotonic() - started
             pixel = await get(s, tokens.open_url(base, signer, made["deliveries"][0]))
-        assert status == 302 and headers["Location"] == "https://pricing.example.com/plans?a=1&b=2#top"
+        assert (
+            status == 302 and headers["Location"] == "https://pricing.example.com/plans?a=1&b=2#top"
+        )
         assert pixel[0] == 200 and len(pixel[2]) == 43
         # The response waits at most write_wait_seconds for the commit, not for the lock.
         assert elapsed < settings.tracker.write_wait_seconds + 1.0
@@ -218,7 +260,10 @@ async def test_click_redirects_while_another_process_holds_an_exclusive_lock(tra
         locker.stdin.flush()
         locker.wait(timeout=10)
     # Once the lock is gone, the hits that waited are written.
-    got = await wait_for(lambda: len(events_of(db, made["email_id"])) >= 2 and events_of(db, made["email_id"]), timeout=20)
+    got = await wait_for(
+        lambda: len(events_of(db, made["email_id"])) >= 2 and events_of(db, made["email_id"]),
+        timeout=20,
+    )
     assert sorted(e["kind"] for e in got if not e["inferred"]) == ["click", "open"]
 
 
@@ -244,7 +289,11 @@ async def test_x_forwarded_for_chain_of_trusted_proxies(settings, sent, db):
     made = sent()
     svc = await service.start(settings)
     try:
-        url = tokens.open_url(settings.tracker.base_url, tokens.Signer(settings.tracker.secrets), made["deliveries"][0])
+        url = tokens.open_url(
+            settings.tracker.base_url,
+            tokens.Signer(settings.tracker.secrets),
+            made["deliveries"][0],
+        )
         async with aiohttp.ClientSession() as s:
             await get(s, url, **{"X-Forwarded-For": "198.51.100.9, 10.1.2.3"})
         got = await wait_for(lambda: events_of(db, made["email_id"]))
@@ -257,14 +306,29 @@ async def test_privacy_mode_someone_and_shared_copies(settings, sent, db):
     settings.privacy.enabled = True
     no_basis = sent(recipients=("nobasis@acme.example",), subject="A")
     with_basis = sent(recipients=("yes@acme.example",), basis="yes", subject="B")
-    shared = sent(recipients=("s1@acme.example", "s2@acme.example"), shared=True, basis="yes", subject="C")
+    shared = sent(
+        recipients=("s1@acme.example", "s2@acme.example"), shared=True, basis="yes", subject="C"
+    )
     svc = await service.start(settings)
     try:
         signer = tokens.Signer(settings.tracker.secrets)
         async with aiohttp.ClientSession() as s:
             for made in (no_basis, with_basis, shared):
-                await get(s, tokens.click_url(settings.tracker.base_url, signer, made["deliveries"][0], 0, "https://pricing.example.com/plans?a=1&b=2#top"))
-        await wait_for(lambda: all(len(events_of(db, m["email_id"])) == 2 for m in (no_basis, with_basis, shared)))
+                await get(
+                    s,
+                    tokens.click_url(
+                        settings.tracker.base_url,
+                        signer,
+                        made["deliveries"][0],
+                        0,
+                        "https://pricing.example.com/plans?a=1&b=2#top",
+                    ),
+                )
+        await wait_for(
+            lambda: all(
+                len(events_of(db, m["email_id"])) == 2 for m in (no_basis, with_basis, shared)
+            )
+        )
     finally:
         await svc.stop()
     for made in (no_basis, shared):
@@ -287,7 +351,9 @@ async def test_link_burst_relabels_earlier_clicks_and_their_inferred_open(tracke
     async with aiohttp.ClientSession() as s:
         for position in range(3):
             await get(s, tokens.click_url(base, signer, d, position, TRICKY[position]))
-    got = await wait_for(lambda: len(events_of(db, made["email_id"])) == 4 and events_of(db, made["email_id"]))
+    got = await wait_for(
+        lambda: len(events_of(db, made["email_id"])) == 4 and events_of(db, made["email_id"])
+    )
     assert {(e["verdict"], e["reason"]) for e in got} == {("machine", "link_burst")}
     c = store_contacts.find_contact(db, "bob@acme.example")
     assert c["last_click_at"] is None and c["last_open_at"] is None
@@ -300,8 +366,12 @@ async def test_honeypot_is_not_a_redirect_and_marks_the_client(tracker, sent, db
     async with aiohttp.ClientSession() as s:
         status, headers, _ = await get(s, tokens.honeypot_url(base, signer, d))
         assert status == 200 and "Location" not in headers
-        await get(s, tokens.click_url(base, signer, d, 0, "https://pricing.example.com/plans?a=1&b=2#top"))
-    got = await wait_for(lambda: len(events_of(db, made["email_id"])) == 2 and events_of(db, made["email_id"]))
+        await get(
+            s, tokens.click_url(base, signer, d, 0, "https://pricing.example.com/plans?a=1&b=2#top")
+        )
+    got = await wait_for(
+        lambda: len(events_of(db, made["email_id"])) == 2 and events_of(db, made["email_id"])
+    )
     assert [(e["kind"], e["verdict"], e["reason"]) for e in got] == [
         ("click", "machine", "honeypot"),
         ("click", "machine", "honeypot_client"),

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 
@@ -95,14 +97,17 @@ class WebhookSender:
         self.wake = wake
         self._task: asyncio.Task | None = None
         self._db = None
-        self._lock = asyncio.Lock()  # one connection: calls from worker threads take turns
+        # One thread owns the connection: calls take turns, and closing it queues behind any
+        # call still running after a cancellation (closing it from elsewhere crashed SQLite).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="webhooks-db")
 
     async def _call(self, fn, *args):
-        async with self._lock:
-            return await asyncio.to_thread(fn, self._db, *args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, self._db, *args))
 
     async def start(self) -> None:
-        self._db = await asyncio.to_thread(store.connect, self.settings.db_path)
+        loop = asyncio.get_running_loop()
+        self._db = await loop.run_in_executor(self._executor, store.connect, self.settings.db_path)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
         self._task = asyncio.create_task(self._run(), name="webhooks")
 
@@ -115,7 +120,8 @@ class WebhookSender:
                 pass
         await self._session.close()
         if self._db is not None:
-            self._db.close()
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._db.close)
+        self._executor.shutdown(wait=False)
 
     async def _run(self) -> None:
         while True:

@@ -85,9 +85,9 @@ def template(size: int, links: int) -> str:
     return f"<html><body>{''.join(pieces)}</body></html>"
 
 
-def make_mail(html: str, rcpts: int = 1) -> bytes:
+def make_mail(html: str, rcpts: int = 1, sender: str = "sender@bench.example") -> bytes:
     msg = EmailMessage()
-    msg["From"] = "sender@bench.example"
+    msg["From"] = sender
     msg["To"] = ", ".join(f"r{i}@dest.example" for i in range(rcpts))
     msg["Subject"] = "bench"
     msg["Message-ID"] = "<bench@bench.example>"
@@ -186,6 +186,7 @@ CLIENT = r"""
 import asyncio, json, sys, time
 kind, host, port, conc, total, limit = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
 extra = sys.argv[7] if len(sys.argv) > 7 else ""
+SENDER = sys.argv[9] if len(sys.argv) > 9 else "sender@bench.example"
 lat = []
 async def http_worker(q, deadline):
     import aiohttp
@@ -199,12 +200,14 @@ async def http_worker(q, deadline):
             lat.append(time.perf_counter() - t)
 async def smtp_worker(q, deadline, data, rcpts):
     import aiosmtplib
-    c = aiosmtplib.SMTP(hostname=host, port=port)
+    c = aiosmtplib.SMTP(hostname=host, port=port, start_tls=False)
     await c.connect()
+    if len(sys.argv) > 9:
+        await c.login(sys.argv[9], sys.argv[10])
     while q and time.monotonic() < deadline:
         q.pop()
         t = time.perf_counter()
-        await c.sendmail("sender@bench.example", rcpts, data)
+        await c.sendmail(SENDER, rcpts, data)
         lat.append(time.perf_counter() - t)
     await c.quit()
 async def main():
@@ -302,6 +305,25 @@ async def bench_baselines(quick: bool, only: set[str]) -> list[dict]:
                     "met": None,
                 }
             )
+    if not only or "relay" in only:
+        relay = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: asyncio.run(relay_accept(quick))
+        )
+        base = {r["bench"]: r["value"] for r in rows}
+        for rc, r in relay.items():
+            b = base.get(f"aiosmtpd accept+discard, 60 KB, {rc} rcpt, 16 conns")
+            ratio = r["rate"]["median"] / b["median"] if b else None
+            rows.append(
+                {
+                    "bench": f"relay accept (AUTH+rewrite+fsync), 60 KB, {rc} rcpt, 16 conns",
+                    "unit": "msgs/s",
+                    "value": r["rate"],
+                    "baseline": {"aiosmtpd": b} if b else {},
+                    "ratio": ratio,
+                    "target": ">= 0.7x aiosmtpd",
+                    "met": None if ratio is None else ratio >= 0.7,
+                }
+            )
     if not only or "http-baseline" in only:
 
         async def gif(_):
@@ -341,6 +363,63 @@ async def bench_baselines(quick: bool, only: set[str]) -> list[dict]:
             }
         )
     return rows
+
+
+# ---------------------------------------------------------------- relay accept
+
+BENCH_USER, BENCH_PW = "bench@corp.example", "bench password 1"
+
+
+async def relay_accept(quick: bool) -> dict:
+    """The real relay (AUTH, rewrite, fsynced outbox) with its upstream an accept-and-discard
+    sink, so the delivery worker runs alongside as it does in production."""
+    from aiosmtpd.controller import Controller
+
+    import cli
+    import store
+    from relay import service
+    from store import users
+
+    class Discard:
+        async def handle_DATA(self, server, session, envelope):
+            return "250 OK"
+
+    sink = Controller(Discard(), hostname="127.0.0.1", port=free_port())
+    sink.start()
+    tmp = tempfile.mkdtemp(prefix="mailtally-bench-")
+    s = cli.initialise(Path(tmp) / "data")
+    port = free_port()
+    s.relay.listen = f"127.0.0.1:{port}"
+    s.relay.upstream = f"smtp://127.0.0.1:{sink.port}"
+    s.relay.upstream_starttls = False
+    s.tracker.base_url = "https://t.example"
+    db = store.connect(s.db_path)
+    users.add_user(db, BENCH_USER, "Bench", BENCH_PW)
+    db.close()
+    svc = await service.start(s)
+    try:
+        with tempfile.NamedTemporaryFile(suffix=".eml", delete=False) as f:
+            f.write(make_mail(template(60_000, 40), 3, BENCH_USER))
+        out = {}
+        for rc in (1, 3):
+            out[rc] = await repeated(
+                3,
+                "smtp",
+                "127.0.0.1",
+                port,
+                16,
+                150 if quick else 1000,
+                5 if quick else 20,
+                f.name,
+                rc,
+                BENCH_USER,
+                BENCH_PW,
+            )
+        os.unlink(f.name)
+        return out
+    finally:
+        await svc.stop()
+        sink.stop()
 
 
 # ---------------------------------------------------------------- reports (reuse)
@@ -432,7 +511,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer runs, smaller loads")
     ap.add_argument(
-        "--only", default="", help="comma list: rewrite,smtp-baseline,http-baseline,reports"
+        "--only", default="", help="comma list: rewrite,smtp-baseline,relay,http-baseline,reports"
     )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     a = ap.parse_args()

@@ -128,18 +128,14 @@ class QPLine:
 _HEX = b"0123456789ABCDEFabcdef"
 
 
+_QP_ESCAPE = re.compile(rb"=([0-9A-Fa-f]{2})")
+
+
 def _qp_decode_segment(content: bytes) -> bytes:
-    out = bytearray()
-    i, n = 0, len(content)
-    while i < n:
-        c = content[i]
-        if c == 0x3D and i + 2 < n and content[i + 1] in _HEX and content[i + 2] in _HEX:
-            out.append(int(content[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out.append(c)
-            i += 1
-    return bytes(out)
+    """Decode =XX escapes only (a bare '=' stays); a regex, not a byte loop: this runs per line."""
+    if b"=" not in content:
+        return content
+    return _QP_ESCAPE.sub(lambda m: bytes((int(m.group(1), 16),)), content)
 
 
 def qp_lines(body: bytes) -> list[QPLine]:

@@ -185,7 +185,7 @@ async def test_ingest_survives_hostile_clients(ingest):
         await c.close()
 
     async def oversized() -> None:
-        settings.ingest.max_message_size  # limit enforced by aiosmtpd's data_size_limit
+        # the SIZE limit (ingest.max_message_size) is enforced by aiosmtpd: 552
         c = await login(port)
         assert await c.cmd("MAIL FROM:<x@evil.example> SIZE=999999999999") == 552
         await c.close()

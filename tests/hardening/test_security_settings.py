@@ -54,6 +54,10 @@ async def test_hostile_attachment_names_never_become_paths(ingest, db, alice):  
     entry = await deliver(ingest, db, msg)
     rows = list(db.query("select * from attachments where email_id = ?", [entry["email_id"]]))
     assert len(rows) == len(names)
+    stored = {r["filename"] for r in rows}
+    # names are kept as data (for display), only without NUL; they never name a file
+    assert {"../../../../tmp/evil.sh", "/etc/passwd", "x" * 300 + ".pdf"} <= stored
+    assert not any("\0" in n for n in stored)
     root = ingest.settings.data_dir / "attachments"
     files = sorted(p for p in root.rglob("*") if p.is_file())
     import hashlib

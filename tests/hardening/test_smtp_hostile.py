@@ -124,7 +124,6 @@ def files_under(path) -> list:
 
 async def test_relay_survives_hostile_clients(relay):
     settings, port = relay
-    from relay import outbox
 
     async def many_rcpts() -> None:
         c = await relay_login(port)
@@ -143,7 +142,6 @@ async def test_relay_survives_hostile_clients(relay):
         assert await c.cmd("MAIL FROM:<spam@evil.example>") == 530
         await c.close()
 
-    before = len(files_under(outbox.spool_dir(settings)))
     await asyncio.wait_for(
         asyncio.gather(
             good_relay_client(port),
@@ -163,7 +161,6 @@ async def test_relay_survives_hostile_clients(relay):
         db.close()
     assert "never ends" not in subjects
     assert len(subjects) == 3  # only the well-behaved client's messages
-    assert before == 0
 
 
 async def test_ingest_survives_hostile_clients(ingest):

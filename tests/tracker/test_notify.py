@@ -1,25 +1,20 @@
-"""Notifications and shutdown: signed, retried webhooks to the sending user only; the live
-feed that `mailtally watch` follows; SIGTERM loses no recorded hit."""
+"""Webhooks go to the sending user only, signed with that endpoint's secret, retried after a 500.
+
+(The watch and SIGTERM tests are in test_process.py.)"""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import signal
-import sys
 
 import aiohttp
 from aiohttp import web
 
-import store
-from store import events as store_events
 from store import users as store_users
 from store import webhooks as store_webhooks
 from tracker import notify, service, tokens
 
 from .conftest import free_port, wait_for
-from .test_http import CHROME, get
+from .test_http import get
 
 
 async def start_receiver(fail_first: int):
@@ -80,115 +75,3 @@ async def test_webhook_signed_retried_and_only_for_the_sender(settings, sent, db
     flat = json.dumps(payload)
     assert "open" in flat and "bob@acme.example" in flat and "Proposal" in flat
     assert payload.get("verdict") == "human"
-
-
-async def test_watch_prints_live_events_from_a_running_tracker(settings, sent, db, tracker) -> None:
-    made = sent()
-    _, base, signer = tracker
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        "import cli; cli.main()",
-        "--config",
-        str(settings.config_path),
-        "watch",
-        env={**os.environ, "MAILTALLY_TRACKER_LISTEN": settings.tracker.listen},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        # The banner on stderr means the command started; then wait for the subscription.
-        await asyncio.wait_for(proc.stderr.readline(), 20)
-        lines: list[str] = []
-
-        async def read_line() -> str:
-            return (await asyncio.wait_for(proc.stdout.readline(), 20)).decode().strip()
-
-        async with aiohttp.ClientSession() as s:
-            # Hit until the watcher is subscribed and prints the first open.
-            async def first_open() -> str:
-                while True:
-                    await get(s, tokens.open_url(base, signer, made["deliveries"][0]))
-                    try:
-                        return (
-                            (await asyncio.wait_for(proc.stdout.readline(), 1.0)).decode().strip()
-                        )
-                    except TimeoutError:
-                        continue
-
-            lines.append(await asyncio.wait_for(first_open(), 30))
-            await get(
-                s,
-                tokens.click_url(
-                    base,
-                    signer,
-                    made["deliveries"][0],
-                    0,
-                    "https://pricing.example.com/plans?a=1&b=2#top",
-                ),
-            )
-            # A machine hit (HEAD) is not shown without --all-hits.
-            await get(s, tokens.open_url(base, signer, made["deliveries"][0]), "HEAD")
-            while not any("clicked" in line for line in lines):
-                lines.append(await read_line())
-    finally:
-        proc.terminate()
-        await proc.wait()
-    assert "bob@acme.example opened" in lines[0] and "Proposal" in lines[0]
-    click = next(line for line in lines if "clicked" in line)
-    assert "bob@acme.example clicked pricing.example.com/plans" in click and "Proposal" in click
-    assert not any("head_request" in line or "machine" in line for line in lines)
-
-
-async def test_sigterm_loses_no_recorded_hit(settings, sent, db) -> None:
-    made = sent(recipients=[f"r{i}@acme.example" for i in range(20)])
-    n = 400
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        "import cli; cli.main()",
-        "--config",
-        str(settings.config_path),
-        "tracker",
-        env={**os.environ, "MAILTALLY_TRACKER_LISTEN": settings.tracker.listen},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    base, signer = settings.tracker.base_url, tokens.Signer(settings.tracker.secrets)
-    urls = [tokens.open_url(base, signer, made["deliveries"][i % 20]) for i in range(n)]
-    try:
-        async with aiohttp.ClientSession() as s:
-            await wait_for_http(s, f"{base}/healthz")
-            sem = asyncio.Semaphore(64)
-
-            async def hit(url: str) -> int:
-                async with sem:
-                    status, _, _ = await get(s, url, "GET", **{"User-Agent": CHROME})
-                    return status
-
-            statuses = await asyncio.gather(*(hit(u) for u in urls))
-        assert statuses == [200] * n
-        proc.send_signal(signal.SIGTERM)
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, out.decode()
-    fresh = store.connect(settings.db_path)
-    assert len(store_events.events_of_email(fresh, made["email_id"])) == n
-
-
-async def wait_for_http(session: aiohttp.ClientSession, url: str, timeout: float = 30) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        try:
-            async with session.get(url) as r:
-                if r.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        if loop.time() > deadline:
-            raise AssertionError(f"{url} not up within {timeout} s")
-        await asyncio.sleep(0.05)

@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import store  # noqa: E402
+from store.events import HIT_COLUMNS  # noqa: E402
 from store.records import analyze, bulk_insert  # noqa: E402
 
 UTC = dt.UTC
@@ -248,21 +249,7 @@ def generate(path: Path, n_emails: int, n_events: int, seed: int = 7) -> dict:
         t = sent + rng.uniform(0, 3)
         events.append(_event("open", 0, t, e, d, None, c, 0, "machine", "within_delivery_window"))
     events.sort(key=lambda ev: ev[2])  # the tracker appends in time order
-    ev_cols = [
-        "kind",
-        "inferred",
-        "at",
-        "email_id",
-        "delivery_id",
-        "link_id",
-        "contact_id",
-        "anonymous",
-        "ip",
-        "user_agent",
-        "method",
-        "verdict",
-        "reason",
-    ]
+    ev_cols = list(HIT_COLUMNS)
     for i in range(0, len(events), 50_000):
         bulk_insert(
             db,

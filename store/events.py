@@ -12,7 +12,8 @@ import sqlite_utils
 
 from store.sql import row, rows, transaction
 
-COLUMNS = (
+# The columns every recorded hit has; ``caused_by`` links an inferred open to its cause.
+HIT_COLUMNS = (
     "kind",
     "inferred",
     "at",
@@ -26,8 +27,8 @@ COLUMNS = (
     "method",
     "verdict",
     "reason",
-    "caused_by",
 )
+COLUMNS = (*HIT_COLUMNS, "caused_by")
 _INSERT = f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _PROPERTY = {"open": "last_open_at", "click": "last_click_at", "reply": "last_reply_at"}
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 import sqlite_utils
 
 from store.db import now_iso
+from store.events import HIT_COLUMNS
 from store.sql import transaction
 
 KINDS = ("open", "click", "reply")
@@ -190,21 +191,7 @@ def insert_events_measured(
     For the benchmark of what the report triggers cost on the write path: without them,
     the insert trigger is dropped inside the same transaction and comes back on rollback.
     """
-    columns = (
-        "kind",
-        "inferred",
-        "at",
-        "email_id",
-        "delivery_id",
-        "link_id",
-        "contact_id",
-        "anonymous",
-        "ip",
-        "user_agent",
-        "method",
-        "verdict",
-        "reason",
-    )
+    columns = HIT_COLUMNS
     sql = f"INSERT INTO events ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
     conn = db.conn
     conn.execute("BEGIN IMMEDIATE")

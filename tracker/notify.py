@@ -96,6 +96,7 @@ class WebhookSender:
         self.settings = settings
         self.wake = wake
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self._db = None
         # One thread owns the connection: calls take turns, and closing it queues behind any
         # call still running after a cancellation (closing it from elsewhere crashed SQLite).
@@ -112,6 +113,10 @@ class WebhookSender:
         self._task = asyncio.create_task(self._run(), name="webhooks")
 
     async def stop(self) -> None:
+        # Python 3.11's wait_for can swallow a cancellation that races with the wake event
+        # (the writer's last flush sets it during shutdown): the flag ends the loop anyway.
+        self._stopping = True
+        self.wake.set()
         if self._task:
             self._task.cancel()
             try:
@@ -124,7 +129,7 @@ class WebhookSender:
         self._executor.shutdown(wait=False)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self._work()
             except asyncio.CancelledError:
@@ -134,6 +139,8 @@ class WebhookSender:
                 await asyncio.sleep(1.0)
                 continue
             self.wake.clear()
+            if self._stopping:
+                break
             try:
                 idle = await self._idle_time()
                 await asyncio.wait_for(self.wake.wait(), timeout=idle)

@@ -11,12 +11,7 @@ import time
 from pathlib import Path
 
 import cli
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support import free_port
 
 
 def test_run_initialises_and_stops_cleanly(tmp_path: Path) -> None:

@@ -4,14 +4,6 @@ be able to send what smtplib refuses to), and bounded waits."""
 from __future__ import annotations
 
 import asyncio
-import socket
-import time
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RawSMTP:
@@ -56,14 +48,3 @@ class RawSMTP:
             await self.writer.wait_closed()
         except (ConnectionResetError, BrokenPipeError):
             pass
-
-
-async def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)

@@ -21,8 +21,8 @@ import aiosmtplib
 import cli
 import store
 from store import users as store_users
-from tests.hardening.conftest import free_port, wait_for
 from tests.ingest.conftest import alice, db, deliver, ingest, message, settings  # noqa: F401
+from tests.support import free_port, wait_for
 
 SQLISH = 'Robert\'); DROP TABLE emails;-- "quoted" back\\slash %_ ?'
 

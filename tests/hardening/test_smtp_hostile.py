@@ -16,8 +16,9 @@ import store
 from ingest import service as ingest_service
 from relay import service as relay_service
 from store import users as store_users
-from tests.hardening.conftest import RawSMTP, free_port
+from tests.hardening.conftest import RawSMTP
 from tests.relay.conftest import Upstream
+from tests.support import free_port
 
 PASSWORD = "correct horse battery"
 GOOD = (
@@ -207,7 +208,7 @@ async def test_ingest_survives_hostile_clients(ingest):
         def logged():
             return db.execute("select count(*) from inbound_log").fetchone()[0] >= 3
 
-        from tests.hardening.conftest import wait_for
+        from tests.support import wait_for
 
         await wait_for(logged, 30)
         count = db.execute("select count(*) from inbound_log").fetchone()[0]

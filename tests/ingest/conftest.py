@@ -3,9 +3,6 @@ free loopback port, and an SMTP client to talk to it."""
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import time
 from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
@@ -18,14 +15,9 @@ import store
 from ingest import service as ingest_service
 from store import inbound as store_inbound
 from store import users
+from tests.support import free_port, wait_for
 
 CORPORA = Path(__file__).resolve().parents[2].parent / "shared" / "corpora"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -96,18 +88,6 @@ async def send(svc, mail_from: str, rcpts: list[str], msg) -> None:
     await aiosmtplib.send(
         data, sender=mail_from, recipients=rcpts, hostname="127.0.0.1", port=svc.port, timeout=60
     )
-
-
-async def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02):
-    """Poll until ``predicate()`` is truthy (returned) or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
 
 
 async def entry_for(db, message_id: str, timeout: float = 30.0) -> dict:

@@ -9,7 +9,8 @@ import aiosmtplib
 from ingest import parse
 from store import addresses, users
 from store import inbound as store_inbound
-from tests.ingest.conftest import CORPORA, deliver, message, wait_for
+from tests.ingest.conftest import CORPORA, deliver, message
+from tests.support import wait_for
 
 
 async def test_every_corpus_message_logged_or_explained(ingest, db, settings, tmp_path):

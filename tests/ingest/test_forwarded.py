@@ -18,7 +18,8 @@ import pytest
 
 from store import contacts, users
 from store import inbound as store_inbound
-from tests.ingest.conftest import CORPORA, deliver, message, wait_for
+from tests.ingest.conftest import CORPORA, deliver, message
+from tests.support import wait_for
 
 CRISP = CORPORA / "forwarded" / "crisp"
 NEUTRAL_SUBJECT = "Logged mail"

@@ -16,7 +16,8 @@ import pytest
 
 from ingest import spool
 from store import inbound as store_inbound
-from tests.ingest.conftest import entry_for, message, send, wait_for
+from tests.ingest.conftest import entry_for, message, send
+from tests.support import wait_for
 
 
 async def test_rcpt_only_logging_addresses(ingest, settings):

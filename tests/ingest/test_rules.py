@@ -19,7 +19,8 @@ from relay import outbox
 from store import contacts, deals, users
 from store import inbound as store_inbound
 from store import outbox as store_outbox
-from tests.ingest.conftest import deliver, entry_for, message, send, wait_for
+from tests.ingest.conftest import deliver, entry_for, message, send
+from tests.support import wait_for
 
 
 def contacts_of(db, email_id):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import email
-import socket
 import time
 from email import policy
 from pathlib import Path
@@ -16,14 +15,9 @@ from aiosmtpd.smtp import SMTP as AioSMTP
 import cli
 import store
 from store import users as store_users
+from tests.support import free_port
 
 PASSWORD = "correct horse battery"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -108,18 +102,6 @@ async def relay(settings, alice):
     svc = await service.start(settings)
     yield svc
     await svc.stop()
-
-
-async def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):
-    """Poll ``predicate`` until it is truthy (returned) or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(interval)
 
 
 def maildir_messages(settings) -> list[bytes]:

@@ -15,8 +15,9 @@ import pytest
 from relay import rewrite
 from relay.links import clean_url
 from store import outbox as store_outbox
-from tests.relay.conftest import PASSWORD, maildir_messages, running_relay, wait_for
+from tests.relay.conftest import PASSWORD, maildir_messages, running_relay
 from tests.relay.rwhelp import clicked_urls, map_back, rewrite_html
+from tests.support import wait_for
 
 CORPORA = Path(__file__).resolve().parents[3] / "shared" / "corpora"
 TEMPLATES = sorted((CORPORA / "html").rglob("*.html"))

@@ -17,14 +17,13 @@ from store.sql import rows
 from tests.relay.conftest import (
     PASSWORD,
     Upstream,
-    free_port,
     html_message,
     maildir_messages,
     parse,
     running_relay,
-    wait_for,
 )
 from tests.relay.rwhelp import SIGNER, TRACKER_URL
+from tests.support import free_port, wait_for
 
 HTML = '<html><body><p>Hello <a href="https://example.com/offer?a=1&amp;b=2">the offer</a></p></body></html>'
 

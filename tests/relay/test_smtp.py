@@ -12,13 +12,12 @@ from relay.tlscert import generate_self_signed
 from store import outbox as store_outbox
 from tests.relay.conftest import (
     PASSWORD,
-    free_port,
     html_message,
     maildir_messages,
     parse,
     running_relay,
-    wait_for,
 )
+from tests.support import free_port, wait_for
 
 MSG = html_message(
     '<html><body><p>Hi <a href="https://example.com/x?a=1&amp;b=2">offer</a></p></body></html>'

@@ -22,7 +22,8 @@ from store import contacts as store_contacts
 from store import events as store_events
 from store import records
 from store import users as store_users
-from tests.reports.paths import PASSWORD, free_port
+from tests.reports.paths import PASSWORD
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -3,12 +3,9 @@ a condition, SMTP submission to the relay and the ingest, the maildir upstream, 
 
 from __future__ import annotations
 
-import asyncio
 import email
 import json
 import smtplib
-import socket
-import time
 from email import policy
 from pathlib import Path
 
@@ -17,21 +14,6 @@ from click.testing import CliRunner
 import cli
 
 PASSWORD = "report tests password"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def wait_for(predicate, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
-    return value
 
 
 def report(settings, *args: str):

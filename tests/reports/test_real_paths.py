@@ -17,7 +17,8 @@ from store import emails as store_emails
 from store import events as store_events
 from store import reports
 from store import sent as store_sent
-from tests.reports.paths import bcc, delivered, report, submit, wait_for
+from tests.reports.paths import bcc, delivered, report, submit
+from tests.support import wait_for
 
 HTML_MAIL = """From: Alice <alice@seller.test>
 To: Bob <bob@acme.test>, carol@acme.test

@@ -16,7 +16,8 @@ from store import contacts as store_contacts
 from store import emails as store_emails
 from store import events as store_events
 from store import sent as store_sent
-from tests.reports.paths import delivered, report, report_contact, submit, wait_for
+from tests.reports.paths import delivered, report, report_contact, submit
+from tests.support import wait_for
 
 CHROME = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "

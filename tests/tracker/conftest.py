@@ -3,10 +3,7 @@ store/, a real tracker service on a free loopback port."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import socket
-import time
 
 import pytest
 
@@ -15,13 +12,8 @@ import store
 from store import contacts as store_contacts
 from store import tracking
 from store import users as store_users
+from tests.support import free_port
 from tracker import service, tokens
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -86,15 +78,3 @@ async def tracker(settings):
     svc = await service.start(settings)
     yield svc, settings.tracker.base_url, tokens.Signer(settings.tracker.secrets)
     await svc.stop()
-
-
-async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
-    """Poll ``predicate`` (sync) until it returns something truthy; fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)

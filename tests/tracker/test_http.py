@@ -17,9 +17,8 @@ import store
 from store import contacts as store_contacts
 from store import events as store_events
 from store import tracking
+from tests.support import wait_for
 from tracker import service, tokens
-
-from .conftest import wait_for
 
 CHROME = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36"
 NO_CACHE = "no-cache, no-store, must-revalidate, max-age=0"

@@ -11,9 +11,9 @@ from aiohttp import web
 
 from store import users as store_users
 from store import webhooks as store_webhooks
+from tests.support import free_port, wait_for
 from tracker import notify, service, tokens
 
-from .conftest import free_port, wait_for
 from .test_http import get
 
 

@@ -13,9 +13,8 @@ import aiohttp
 from aiohttp import web
 
 from store import events as store_events
+from tests.support import wait_for
 from tracker import notify, service, tokens
-
-from .conftest import wait_for
 
 CHROME = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36"
 

@@ -57,6 +57,9 @@ class RelaySettings:
     retry_schedule: list[int] = field(default_factory=lambda: [60, 300, 900, 1800, 3600])
     max_queue_age: int = 5 * 24 * 3600
     excluded_domains: list[str] = field(default_factory=list)
+    smtp_timeout_seconds: float = 300.0
+    auth_max_failures: int = 5
+    auth_window_seconds: float = 300.0
 
 
 @dataclass
@@ -71,6 +74,7 @@ class IngestSettings:
     max_attachment_size: int = 50 * 1000 * 1000
     require_authentication: str = "none"
     trusted_authserv_ids: list[str] = field(default_factory=list)
+    smtp_timeout_seconds: float = 300.0
 
 
 @dataclass

@@ -29,7 +29,10 @@ from common import ROOT, row  # noqa: E402
 BENCHES = {
     "rewrite": "bench_rewrite",
     "relay": "bench_relay",
+    "delivery": "bench_delivery",
     "tracker": "bench_tracker",
+    "ingest": "bench_ingest",
+    "bigmail": "bench_bigmail",
 }
 FULL_ONLY = {"reports"}
 

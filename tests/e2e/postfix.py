@@ -129,6 +129,8 @@ class Postfix:
 
     def start(self) -> None:
         """Write the configuration, start the master daemon, wait until SMTP answers."""
+        reap_abandoned()
+        (self.base / OWNER).write_text(str(os.getpid()))
         self.etc.mkdir()
         for sub in ("queue", "data"):
             (self.base / sub).mkdir()
@@ -257,6 +259,38 @@ class Delivered:
         return f"<Delivered {self.recipient} {self.subject!r}>"
 
 
+OWNER = "owner.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_abandoned() -> list[Path]:
+    """Stop and remove private instances whose owning test process died (SIGKILL skips
+    every ``finally``), so a killed run never leaves a Postfix behind for the next one."""
+    reaped = []
+    for base in Path(tempfile.gettempdir()).glob("mailtally-e2e-postfix-*"):
+        try:
+            owner = int((base / OWNER).read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(owner):
+            continue
+        subprocess.run(
+            ["postfix", "-c", str(base / "etc"), "abort"], capture_output=True, timeout=60
+        )
+        shutil.rmtree(base, ignore_errors=True)
+        reaped.append(base)
+    return reaped
+
+
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll ``condition`` (every 50 ms) until it holds; AssertionError naming ``what`` if not."""
     deadline = time.monotonic() + timeout
@@ -269,9 +303,7 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             return True
         time.sleep(0.05)
     return False

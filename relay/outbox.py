@@ -1,25 +1,32 @@
 """The relay's durable queue: spool file (fsync'd) first, then the outbox row.
 
-A queue entry is one file ``<data_dir>/relay-spool/<id>.eml``: a first line of JSON (the
-envelope plus what the delivery worker needs to know, e.g. the delivery row it fills in)
-followed by the message bytes. The file is written under ``tmp/``, fsync'd, renamed into
-place and the directory fsync'd *before* the row is committed, and the row is committed
-before the SMTP client hears 250. A file without a row (power cut between the two) is
-found and queued again by :func:`recover`; a row is deleted from disk only after it is
-marked sent, so a crash can duplicate a delivery but never drop one.
+A queue entry is one name ``<data_dir>/relay-spool/<batch>.<n>.eml``. Copies queued
+together (every copy of the messages that one group commit makes durable) are written into
+ONE file -- a first line of JSON holding, per copy, the envelope, what the delivery worker
+needs to know (e.g. the delivery rows it fills in) and where its bytes are -- that is
+fsync'd once and hard-linked under one name per copy; the directory is fsync'd once, and
+then all the rows are committed in one transaction, before any SMTP client hears 250.
+:func:`read_spool` gives (envelope, bytes) of one name; deleting a name (after the row is
+marked sent) drops that copy, the space goes with the last name. Files written by older
+versions (one message per file, its envelope as the first line) are read the same way.
+
+A name without a row (power cut between the fsyncs and the commit) is found and queued
+again by :func:`recover`; a name is deleted only after its row is marked sent, so a crash
+can duplicate a delivery but never drop one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlite_utils
 
 import config
-from store import now_iso, spoolfile
+from store import now_iso, outbox_batch, spoolfile
 from store import outbox as store_outbox
 
 SPOOL_DIR = "relay-spool"
@@ -41,24 +48,65 @@ def spool_dir(settings: config.Settings) -> Path:
     return settings.data_dir / SPOOL_DIR
 
 
-def write_spool(root: Path, copy: Copy) -> Path:
-    """Write one spool file durably (tmp → fsync → rename); the directory is fsync'd by caller."""
-    head = {
+def _envelope(copy: Copy, created_at: str) -> dict:
+    return {
         "mail_from": copy.mail_from,
         "rcpts": copy.rcpts,
         "user_id": copy.user_id,
         "email_id": copy.email_id,
         "meta": copy.meta,
-        "created_at": now_iso(),
+        "created_at": created_at,
     }
-    return spoolfile.write(root / "tmp", root, head, copy.data, ".eml")
+
+
+def write_spool(root: Path, copy: Copy) -> Path:
+    """Write one spool file durably (tmp → fsync → rename); the directory is fsync'd by caller."""
+    return write_batch(root, [copy])[0]
+
+
+def write_batch(root: Path, copies: list[Copy]) -> list[Path]:
+    """Write several copies as one fsync'd file with one name per copy (directory not fsync'd).
+
+    Raises OSError (nothing left behind) when the spool cannot be written.
+    """
+    now = now_iso()
+    base = spoolfile.new_name("")
+    entries, offset = [], 0
+    for copy in copies:
+        entries.append({**_envelope(copy, now), "offset": offset, "length": len(copy.data)})
+        offset += len(copy.data)
+    names = [f"{base}.{i:04d}.eml" for i in range(len(copies))]
+    return spoolfile.write_linked(
+        root / "tmp", root, {"copies": entries}, [c.data for c in copies], names
+    )
+
+
+def _index_of(path: Path) -> int:
+    return int(path.name.removesuffix(".eml").rsplit(".", 1)[1])
+
+
+def read_envelope(path: Path | str) -> tuple[dict, int, int]:
+    """(envelope, offset of the copy's bytes in the file, their length or -1 = to the end)."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        line = fh.readline()
+    head = json.loads(line)
+    if "copies" not in head:  # one message per file (older versions)
+        return head, len(line), -1
+    entry = dict(head["copies"][_index_of(path)])
+    offset, length = entry.pop("offset"), entry.pop("length")
+    return entry, len(line) + offset, length
 
 
 def read_spool(path: Path | str) -> tuple[dict, bytes]:
-    """(header, message bytes) of a spool file."""
+    """(envelope, message bytes) of one queue entry."""
+    head, offset, length = read_envelope(path)
     with open(path, "rb") as fh:
-        head = json.loads(fh.readline())
-        return head, fh.read()
+        fh.seek(offset)
+        data = fh.read() if length < 0 else fh.read(length)
+    if length >= 0 and len(data) != length:
+        raise ValueError(f"spool file {path} is truncated")
+    return head, data
 
 
 def remove_spool(path: Path | str) -> None:
@@ -68,30 +116,36 @@ def remove_spool(path: Path | str) -> None:
         pass
 
 
+def rows_for(copies: list[Copy], paths: list[Path]) -> list[dict]:
+    """The outbox rows of copies written by :func:`write_batch`."""
+    return [
+        {
+            "mail_from": c.mail_from,
+            "rcpts": c.rcpts,
+            "spool_path": str(p),
+            "user_id": c.user_id,
+            "email_id": c.email_id,
+        }
+        for c, p in zip(copies, paths, strict=True)
+    ]
+
+
 def enqueue_copies(
     settings: config.Settings, db: sqlite_utils.Database, copies: list[Copy]
 ) -> list[int]:
-    """Queue several copies: every file fsync'd, then all rows in one durable commit."""
+    """Queue several copies: one fsync'd file, then all rows in one durable commit."""
     if not copies:
         return []
     root = spool_dir(settings)
-    root.mkdir(parents=True, exist_ok=True)
-    paths = [write_spool(root, c) for c in copies]
-    spoolfile.fsync_dir(root)
-    store_outbox.durable(db)
-    return store_outbox.add(
-        db,
-        [
-            {
-                "mail_from": c.mail_from,
-                "rcpts": c.rcpts,
-                "spool_path": str(p),
-                "user_id": c.user_id,
-                "email_id": c.email_id,
-            }
-            for c, p in zip(copies, paths, strict=True)
-        ],
-    )
+    paths = write_batch(root, copies)
+    try:
+        spoolfile.fsync_dir(root)
+        store_outbox.durable(db)
+        return store_outbox.add(db, rows_for(copies, paths))
+    except BaseException:
+        for p in paths:
+            remove_spool(p)
+        raise
 
 
 def enqueue(
@@ -110,17 +164,22 @@ def enqueue(
 
 
 def recover(settings: config.Settings, db: sqlite_utils.Database) -> int:
-    """Queue spool files that have no row (a crash between fsync and commit); return how many."""
+    """Queue spool names that have no row (a crash between fsync and commit); return how many.
+
+    Also drops temporary files older than an hour (a crash before the rename: never
+    acknowledged; younger ones may belong to another process that is writing right now).
+    """
     root = spool_dir(settings)
     if not root.is_dir():
         return 0
+    _clean_tmp(root / "tmp", max_age=3600)
     known = store_outbox.known_spool_paths(db)
     orphans = sorted(p for p in root.glob("*.eml") if str(p) not in known)
     entries = []
     for p in orphans:
         try:
-            head, _ = read_spool(p)
-        except (OSError, ValueError):
+            head, _, _ = read_envelope(p)
+        except (OSError, ValueError, LookupError):
             continue
         entries.append(
             {
@@ -134,5 +193,17 @@ def recover(settings: config.Settings, db: sqlite_utils.Database) -> int:
         )
     if entries:
         store_outbox.durable(db)
-        store_outbox.add(db, entries)
+        outbox_batch.add_recovered(db, entries)
     return len(entries)
+
+
+def _clean_tmp(tmp: Path, max_age: float) -> None:
+    if not tmp.is_dir():
+        return
+    cutoff = time.time() - max_age
+    for p in tmp.iterdir():
+        try:
+            if p.stat().st_mtime < cutoff:
+                p.unlink()
+        except OSError:
+            pass

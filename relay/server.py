@@ -4,6 +4,12 @@ AUTH PLAIN/LOGIN is offered only over TLS (STARTTLS or the implicit-TLS listener
 to clients on loopback or ``relay.trusted_networks``; every client must authenticate
 (530 otherwise), so the relay is never open. MAIL FROM must be one of the authenticated
 user's addresses (553), and so must the From header (checked at DATA).
+
+AUTH failures are limited per client address and per user name (454 past
+``relay.auth_max_failures`` in ``relay.auth_window_seconds``, without running scrypt), and
+successful checks are remembered briefly (``relay.authguard``). A session that sends no
+complete command for ``relay.smtp_timeout_seconds`` (a DATA body counts from the DATA
+command) is closed. Accepted messages are made durable by group commit (``relay.commit``).
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 import config
 import store
-from relay import submit
+from relay import authguard, submit
+from relay.commit import GroupCommitter
 from store import addresses
 from store import users as store_users
 
@@ -97,19 +104,30 @@ class RelaySMTP(SMTP):
 
 
 class Handler:
-    """aiosmtpd hooks; the slow work (scrypt, fsync, SQLite) runs in one worker thread."""
+    """aiosmtpd hooks; the slow work runs off the event loop, in three threads of its own.
+
+    ``executor``: checks, rewriting and the email/delivery rows of one message at a time;
+    ``committer``: durable queueing of every waiting message at once (group commit);
+    ``auth_executor``: scrypt.
+    """
 
     def __init__(self, settings: config.Settings, on_queued=None) -> None:
         self.settings = settings
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-submit")
         self.db = store.connect(settings.db_path)
+        self.committer = GroupCommitter(settings)
         self.auth_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-auth")
         self.auth_db = store.connect(settings.db_path, migrate=False)  # used by auth_executor
+        self.limiter = authguard.FailureLimiter(
+            settings.relay.auth_max_failures, settings.relay.auth_window_seconds
+        )
+        self.verified = authguard.VerifiedCache()
         self.on_queued = on_queued
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
         self.auth_executor.shutdown(wait=True)
+        self.committer.close()
         self.db.close()
         self.auth_db.close()
 
@@ -119,18 +137,28 @@ class Handler:
     # --- AUTH ---------------------------------------------------------------------------------
 
     def authenticator(self, server, session: Session, envelope: Envelope, mechanism, auth_data):
-        """scrypt check of the relay password (runs in ``auth_executor``)."""
+        """Check the relay password (runs in ``auth_executor``): limits, cache, then scrypt."""
+        ip = session.peer[0] if isinstance(session.peer, tuple) and session.peer else None
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
         try:
             login = auth_data.login.decode("utf-8")
             password = auth_data.password.decode("utf-8")
         except UnicodeDecodeError:
+            self.limiter.failed(ip, None)
             return AuthResult(success=False, handled=False)
+        if self.limiter.blocked(ip, login):
+            log.warning("relay: AUTH for %r from %s refused: too many failures", login, ip)
+            return AuthResult(success=False, handled=False, message=authguard.LIMITED_REPLY)
+        user = store_users.find_user(self.auth_db, login)
+        if user is not None and self.verified.hit(login, password, user["password_hash"]):
+            return AuthResult(success=True, auth_data=user)
         user = store_users.authenticate(self.auth_db, login, password)
         if user is None:
+            self.limiter.failed(ip, login)
             log.info("relay: failed AUTH for %r from %s", login, session.peer)
             return AuthResult(success=False, handled=False)
+        self.verified.remember(login, password, user["password_hash"])
         return AuthResult(success=True, auth_data=user)
 
     # --- envelope -----------------------------------------------------------------------------
@@ -166,8 +194,8 @@ class Handler:
         if isinstance(data, str):
             data = data.encode("utf-8", "surrogateescape")
         try:
-            result = await self._run(
-                submit.process,
+            prepared = await self._run(
+                submit.prepare,
                 self.settings,
                 self.db,
                 user,
@@ -180,9 +208,14 @@ class Handler:
         except Exception:
             log.exception("relay: could not queue a message")
             return "451 4.3.0 Could not queue the message; try again later"
+        try:
+            prepared.result.outbox_ids = await self.committer.commit(prepared.copies)
+        except Exception:
+            await self._run(submit.discard, self.db, prepared)
+            return "451 4.3.0 Could not queue the message; try again later"
         if self.on_queued:
             self.on_queued()
-        return f"250 2.0.0 OK queued as {result.email_id}"
+        return f"250 2.0.0 OK queued as {prepared.result.email_id}"
 
 
 def tls_context(settings: config.Settings) -> ssl.SSLContext | None:
@@ -205,6 +238,7 @@ def factory(settings: config.Settings, handler: Handler, *, implicit_tls: bool =
             hostname=hostname,
             ident="mailtally relay",
             data_size_limit=settings.relay.max_message_size,
+            timeout=settings.relay.smtp_timeout_seconds,
             enable_SMTPUTF8=True,
             decode_data=False,
             tls_context=None if implicit_tls else context,

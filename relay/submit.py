@@ -76,6 +76,16 @@ def ensure_message_id(data: bytes, domain: str) -> tuple[bytes, str]:
     return f"Message-ID: {mid}".encode() + eol + data, mid
 
 
+@dataclass
+class Prepared:
+    """A checked, recorded and rendered message whose copies still have to be queued."""
+
+    result: Result
+    copies: list[outbox.Copy]
+    email_created: bool
+    delivery_ids: list[int]
+
+
 def process(
     settings: config.Settings,
     db: sqlite_utils.Database,
@@ -85,6 +95,29 @@ def process(
     data: bytes,
 ) -> Result:
     """Check, decide, record, rewrite and queue one submitted message (durable on return)."""
+    prepared = prepare(settings, db, user, mail_from, rcpts, data)
+    try:
+        prepared.result.outbox_ids = outbox.enqueue_copies(settings, db, prepared.copies)
+    except BaseException:
+        discard(db, prepared)
+        raise
+    return prepared.result
+
+
+def prepare(
+    settings: config.Settings,
+    db: sqlite_utils.Database,
+    user: dict,
+    mail_from: str,
+    rcpts: list[str],
+    data: bytes,
+) -> Prepared:
+    """Everything before queueing: check, decide, record rows, render the copies.
+
+    The rows (email, deliveries, links) are committed here without waiting for the disk;
+    the durable commit of the outbox rows that follows makes them durable too (the WAL
+    is one file, synced up to that commit). If queueing then fails, :func:`discard`.
+    """
     check_from(db, user, data)
     data, control = rewrite.split_control_headers(data)
     data, message_id = ensure_message_id(data, settings.general.domain)
@@ -123,13 +156,21 @@ def process(
     if error and decision.tracked:
         decision.track_opens = decision.track_clicks = False
         decision.reason = "rewrite-failed: " + error
+    plan = None
+    if external and decision.tracked and analysis is not None:
+        try:
+            plan = _plan(settings, analysis, decision)
+        except Exception as exc:  # fail open
+            error = f"rewrite: {type(exc).__name__}: {exc}"
+            decision.track_opens = decision.track_clicks = False
+            decision.reason = "rewrite-failed: " + error
     to_addrs = [a for _, a in addresses.parse_list(*(head.get_all("To") or []))]
     cc_addrs = [a for _, a in addresses.parse_list(*(head.get_all("Cc") or []))]
     subject = _decoded_header(head.get("Subject"))
     shared = not settings.relay.per_recipient
     groups = ([external] if shared else [[r] for r in external]) if external else []
-    with transaction(db):  # one commit for the email and its deliveries
-        email_id, delivery_ids = _record(
+    with transaction(db):  # one commit for the email, its deliveries and its links
+        email_id, created, delivery_ids = _record(
             db,
             groups,
             shared,
@@ -147,60 +188,89 @@ def process(
                 rewrite_error=error,
             ),
         )
+        if plan is not None:
+            sent.add_links(db, email_id, plan.tracked_links)
+    prepared = Prepared(
+        Result(email_id, [], decision, error, local, own, external), [], created, delivery_ids
+    )
+    try:
+        _finish(settings, db, prepared, plan, mail_from, data, groups, key, user["id"])
+    except BaseException:
+        discard(db, prepared)
+        raise
+    return prepared
 
-    copies: list[outbox.Copy] = []
-    base = dict(mail_from=mail_from, user_id=user["id"], email_id=email_id)
-    if external:
+
+def _finish(settings, db, prepared: Prepared, plan, mail_from, data, groups, key, user_id):
+    """Render the copies and make the ingest hand-offs (which come before the 250)."""
+    result = prepared.result
+    decision = result.decision
+    copies = prepared.copies
+    base = dict(mail_from=mail_from, user_id=user_id, email_id=result.email_id)
+    if result.external:
         rendered: list[bytes] | None = None
-        if decision.tracked and analysis is not None:
+        if plan is not None:
             try:
-                rendered = _render_copies(settings, analysis, decision, delivery_ids, db, email_id)
+                rendered = _render_copies(settings, plan, prepared.delivery_ids)
             except Exception as exc:  # fail open
                 error = f"rewrite: {type(exc).__name__}: {exc}"
-                sent.set_rewrite_error(db, email_id, error + "\n" + traceback.format_exc(limit=3))
+                sent.set_rewrite_error(
+                    db, result.email_id, error + "\n" + traceback.format_exc(limit=3)
+                )
                 decision.track_opens = decision.track_clicks = False
                 decision.reason = "rewrite-failed: " + error
+                result.rewrite_error = error
                 rendered = None
-        for i, (group, delivery_id) in enumerate(zip(groups, delivery_ids, strict=True)):
+        for i, (group, delivery_id) in enumerate(zip(groups, prepared.delivery_ids, strict=True)):
             body = rendered[i] if rendered is not None else data
             copies.append(
                 outbox.Copy(rcpts=group, data=body, meta={"delivery_ids": [delivery_id]}, **base)
             )
-    if own:
-        copies.append(outbox.Copy(rcpts=own, data=data, meta={"kind": "own"}, **base))
+    if result.own:
+        copies.append(outbox.Copy(rcpts=result.own, data=data, meta={"kind": "own"}, **base))
 
-    # The ingest hand-offs (logging address copies, logging the sent mail) come first: once
-    # they and the outbox rows are durable, the client may hear 250.
-    if local or (decision.log and external):
+    if result.local or (decision.log and result.external):
         from ingest import spool as ingest_spool
 
-        meta_common = {"user_id": user["id"], "message_key": key}
-        if local:
+        meta_common = {"user_id": user_id, "message_key": key}
+        if result.local:
             ingest_spool.submit_local(
-                settings, mail_from, local, data, {"via": "relay", **meta_common}
+                settings, mail_from, result.local, data, {"via": "relay", **meta_common}
             )
-        if decision.log and external:
+        if decision.log and result.external:
             ingest_spool.submit_local(
-                settings, mail_from, external, data, {"source": "relay", **meta_common}
+                settings, mail_from, result.external, data, {"source": "relay", **meta_common}
             )
-    ids = outbox.enqueue_copies(settings, db, copies)
-    return Result(email_id, ids, decision, error, local, own, external)
 
 
-def _record(db, groups, shared, **email) -> tuple[int, list[int]]:
-    email_id, _ = sent.record_email(db, **email)
+def discard(db: sqlite_utils.Database, prepared: Prepared) -> None:
+    """Queueing failed (the client hears 4xx and retries): drop the rows made for it."""
+    try:
+        sent.discard(
+            db,
+            prepared.result.email_id if prepared.email_created else None,
+            prepared.delivery_ids,
+        )
+    except Exception:  # e.g. the database is still locked: the rows stay, unqueued
+        pass
+
+
+def _record(db, groups, shared, **email) -> tuple[int, bool, list[int]]:
+    email_id, created = sent.record_email(db, **email)
     ids = [sent.add_delivery(db, email_id, None if shared else g[0], shared=shared) for g in groups]
-    return email_id, ids
+    return email_id, created, ids
 
 
-def _render_copies(settings, analysis, decision, delivery_ids, db, email_id) -> list[bytes]:
-    signer = tokens.Signer(settings.tracker.secrets)
-    base_url = settings.tracker.base_url
-    ctx = LinkContext(base_url, list(settings.relay.excluded_domains))
-    plan = rewrite.plan(
+def _plan(settings, analysis, decision):
+    ctx = LinkContext(settings.tracker.base_url, list(settings.relay.excluded_domains))
+    return rewrite.plan(
         analysis, ctx, track_opens=decision.track_opens, track_clicks=decision.track_clicks
     )
-    sent.add_links(db, email_id, plan.tracked_links)
+
+
+def _render_copies(settings, plan, delivery_ids) -> list[bytes]:
+    signer = tokens.Signer(settings.tracker.secrets)
+    base_url = settings.tracker.base_url
     out = []
     for delivery_id in delivery_ids:
         out.append(

@@ -126,3 +126,22 @@ def links_of(db: sqlite_utils.Database, email_id: int) -> list[dict]:
 
 def email_by_id(db: sqlite_utils.Database, email_id: int) -> dict | None:
     return row(db, "SELECT * FROM emails WHERE id = ?", [email_id])
+
+
+def discard(db: sqlite_utils.Database, email_id: int | None, delivery_ids: list[int]) -> None:
+    """Remove rows made for a message that could not be queued (its sender will retry).
+
+    ``email_id`` is given only when the email row was made for this attempt; it goes (with
+    its links) unless another submission of the same message uses it by now.
+    """
+    with transaction(db):
+        if delivery_ids:
+            marks = ",".join("?" for _ in delivery_ids)
+            db.execute(f"DELETE FROM deliveries WHERE id IN ({marks})", delivery_ids)
+        if email_id is not None:
+            db.execute(
+                """DELETE FROM emails WHERE id = :id
+                   AND NOT EXISTS (SELECT 1 FROM deliveries WHERE email_id = :id)
+                   AND NOT EXISTS (SELECT 1 FROM outbox WHERE email_id = :id)""",
+                {"id": email_id},
+            )

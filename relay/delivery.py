@@ -5,7 +5,15 @@ offered and ``upstream_starttls``, AUTH when a user name is set), or the embedde
 ``maildir:PATH`` sink (written tmp/ → fsync → new/, as a Maildir MDA does). A 4xx or a
 network error retries after ``relay.retry_schedule`` (the last delay repeats) until
 ``relay.max_queue_age``; a 5xx or expiry sends an RFC 3464 report to the sender. An entry
-is removed from disk only after it is marked sent, so a restart resumes every entry.
+is removed from disk only after it is marked sent, so a restart resumes every entry: a
+crash between the upstream's 250 and that commit delivers the entry again (at least once).
+
+Speed without losing order: ``CONCURRENCY`` slots each keep one upstream connection open
+and send entry after entry over it; the outcomes of whatever finished meanwhile are
+committed together (one fsync for many entries, as the tracker's writer does). Each
+recipient's mail leaves in the order it was accepted: an entry is only handed to a slot
+when no earlier active entry (pending, retrying or in flight) shares one of its recipients,
+so a message waiting for a retry holds back the later ones to the same address.
 """
 
 from __future__ import annotations
@@ -22,15 +30,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiosmtplib
+import sqlite_utils
 
 import config
 import store
 from relay import dsn, outbox
 from store import outbox as store_outbox
 from store import sent
+from store.sql import transaction
 
 log = logging.getLogger("mailtally.relay.delivery")
-CONCURRENCY = 4
+CONCURRENCY = 8  # upstream connections (slots) delivering at once
+AHEAD = 4  # entries per slot handed out ahead (in flight or waiting for the commit)
+IDLE_CLOSE = 5.0  # seconds a slot keeps an unused upstream connection open
+QUIT_ON_STOP = 2.0  # seconds to wait for the upstream's answer to QUIT when stopping
+PAGE = 256  # outbox rows read per page when choosing what to send
 
 
 @dataclass
@@ -74,49 +88,98 @@ def deliver_maildir(path: Path, mail_from: str, rcpts: list[str], data: bytes) -
         os.close(dfd)
 
 
+class Connection:
+    """One upstream SMTP connection, reused for message after message (one per slot).
+
+    A transaction that fails with an SMTP reply is reset by aiosmtplib (RSET) and the
+    connection kept; a dropped or 421 connection is closed and, when it was a reused one
+    (the upstream may have timed it out while idle), the message is tried once more on a
+    fresh connection before it counts as a temporary failure.
+    """
+
+    def __init__(self, settings: config.RelaySettings) -> None:
+        self.settings = settings
+        self.client: aiosmtplib.SMTP | None = None
+
+    def _new_client(self) -> aiosmtplib.SMTP:
+        s = self.settings
+        scheme, _, rest = s.upstream.partition("://")
+        host, port = config.parse_hostport("relay.upstream", rest.rstrip("/"))
+        return aiosmtplib.SMTP(
+            hostname=host,
+            port=port,
+            timeout=s.upstream_timeout,
+            use_tls=scheme == "smtps",
+            start_tls=None if s.upstream_starttls and scheme == "smtp" else False,
+            username=s.upstream_username or None,
+            password=s.upstream_password or None,
+        )
+
+    async def send(self, mail_from: str, rcpts: list[str], data: bytes) -> Outcome:
+        for _ in range(2):
+            reused = self.client is not None and self.client.is_connected
+            out, retry = await self._send_once(reused, mail_from, rcpts, data)
+            if not retry:
+                return out
+        return out
+
+    async def _send_once(
+        self, reused: bool, mail_from: str, rcpts: list[str], data: bytes
+    ) -> tuple[Outcome, bool]:
+        out = Outcome()
+        try:
+            if not reused:
+                self.close()
+                self.client = self._new_client()
+                await self.client.connect()
+            errors, _ = await self.client.sendmail(mail_from, rcpts, data)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            for r in exc.recipients:
+                _classify(out, r.recipient, r.code, r.message)
+            return out, False
+        except aiosmtplib.SMTPResponseException as exc:
+            if exc.code == 421 or not self.client.is_connected:
+                self.close()
+            for r in rcpts:
+                _classify(out, r, exc.code, exc.message)
+            return out, reused and exc.code == 421
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            self.close()
+            for r in rcpts:
+                out.temporary[r] = f"{type(exc).__name__}: {exc}"
+            return out, reused
+        for r in rcpts:
+            if r in errors:
+                _classify(out, r, errors[r].code, errors[r].message)
+            else:
+                out.ok.append(r)
+        return out, False
+
+    def close(self) -> None:
+        """Drop the connection at once (after an error: nothing polite left to say)."""
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    async def quit(self, timeout: float | None = None) -> None:
+        """End the connection politely (idle slot, worker stopping: bounded by ``timeout``)."""
+        client, self.client = self.client, None
+        if client is not None and client.is_connected:
+            try:
+                await client.quit(timeout=timeout or self.settings.upstream_timeout)
+            except (TimeoutError, aiosmtplib.SMTPException, OSError):
+                client.close()
+
+
 async def deliver_smtp(
     settings: config.RelaySettings, mail_from: str, rcpts: list[str], data: bytes
 ) -> Outcome:
-    up = settings.upstream
-    scheme, _, rest = up.partition("://")
-    host, port = config.parse_hostport("relay.upstream", rest.rstrip("/"))
-    out = Outcome()
-    client = aiosmtplib.SMTP(
-        hostname=host,
-        port=port,
-        timeout=settings.upstream_timeout,
-        use_tls=scheme == "smtps",
-        start_tls=None if settings.upstream_starttls and scheme == "smtp" else False,
-        username=settings.upstream_username or None,
-        password=settings.upstream_password or None,
-    )
+    """Deliver one message over a connection of its own (closed afterwards)."""
+    conn = Connection(settings)
     try:
-        await client.connect()
-        try:
-            errors, _ = await client.sendmail(mail_from, rcpts, data)
-        finally:
-            try:
-                await client.quit()
-            except (TimeoutError, aiosmtplib.SMTPException, OSError):
-                client.close()
-    except aiosmtplib.SMTPRecipientsRefused as exc:
-        for r in exc.recipients:
-            _classify(out, r.recipient, r.code, r.message)
-        return out
-    except aiosmtplib.SMTPResponseException as exc:
-        for r in rcpts:
-            _classify(out, r, exc.code, exc.message)
-        return out
-    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-        for r in rcpts:
-            out.temporary[r] = f"{type(exc).__name__}: {exc}"
-        return out
-    for r in rcpts:
-        if r in errors:
-            _classify(out, r, errors[r].code, errors[r].message)
-        else:
-            out.ok.append(r)
-    return out
+        return await conn.send(mail_from, rcpts, data)
+    finally:
+        await conn.quit()
 
 
 def _classify(out: Outcome, rcpt: str, code: int, message: str) -> None:
@@ -131,19 +194,85 @@ def _parse_time(value: str) -> dt.datetime:
     return dt.datetime.fromisoformat(value)
 
 
+def _keys(entry: dict) -> set[str]:
+    """The recipients whose order an entry takes part in (compared case-insensitively)."""
+    return {r.lower() for r in entry["rcpts"]}
+
+
+def choose(
+    db: sqlite_utils.Database, now: str, want: int, busy: set[str], inflight: set[int]
+) -> list[dict]:
+    """Up to ``want`` due entries that are first in line for each of their recipients.
+
+    Walks the active entries in acceptance order; an entry is skipped (and holds back its
+    recipients for every later entry) when it is in flight, not due yet, or a recipient of
+    it is held back already. ``busy`` are the recipients of entries in flight.
+    """
+    blocked = set(busy)
+    chosen: list[dict] = []
+    after = 0
+    while len(chosen) < want:
+        page = store_outbox.active_page(db, after, PAGE)
+        if not page:
+            break
+        for e in page:
+            keys = _keys(e)
+            if e["id"] not in inflight and e["next_attempt_at"] <= now and not keys & blocked:
+                chosen.append(e)
+                if len(chosen) >= want:
+                    break
+            blocked |= keys
+        after = page[-1]["id"]
+    return chosen
+
+
+@dataclass
+class Finished:
+    """One attempt, waiting for the group commit."""
+
+    entry: dict
+    head: dict
+    data: bytes
+    out: Outcome | None  # None: the spool file is gone or unreadable (``error`` says which)
+    error: str = ""
+
+
+@dataclass
+class Plan:
+    """What the commit does for one finished attempt."""
+
+    entry: dict
+    action: str  # "sent" | "retry" | "failed"
+    error: str = ""
+    next_at: str = ""
+    retry_rcpts: list[str] = field(default_factory=list)
+    delivery_ids: list[int] = field(default_factory=list)
+    permanent: dict[str, tuple[str, str]] = field(default_factory=dict)
+    data: bytes = b""
+    remove: str | None = None  # spool file to delete once the commit is durable
+
+
 class Worker:
-    """Runs in the relay's event loop; database work goes to one thread of its own."""
+    """Runs in the relay's event loop: one scheduler, CONCURRENCY delivery slots, one committer.
+
+    Database work goes to one thread of its own (``executor``); spool reads and maildir
+    writes to ``io``.
+    """
 
     def __init__(self, settings: config.Settings) -> None:
         self.settings = settings
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-delivery")
+        self.io = ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="relay-io")
         self.db = store.connect(settings.db_path)
         store_outbox.durable(self.db)
         self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
-        self._inflight: set[int] = set()
-        self._sem = asyncio.Semaphore(CONCURRENCY)
-        self._tasks: set[asyncio.Task] = set()
+        self._commit_wake = asyncio.Event()
+        self._ready: asyncio.Queue[dict | None] = asyncio.Queue()
+        self._inflight: dict[int, set[str]] = {}  # handed out, until its outcome is committed
+        self._finished: list[Finished] = []
+        self._scheduler: asyncio.Task | None = None
+        self._committer: asyncio.Task | None = None
+        self._slots: list[asyncio.Task] = []
 
     async def _db(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -153,74 +282,186 @@ class Worker:
 
     async def start(self) -> None:
         await self._db(outbox.recover, self.settings, self.db)
-        self._task = asyncio.create_task(self._loop(), name="relay-delivery")
+        self._committer = asyncio.create_task(self._commit_loop(), name="relay-commit")
+        self._slots = [
+            asyncio.create_task(self._slot(), name=f"relay-slot-{n}") for n in range(CONCURRENCY)
+        ]
+        self._scheduler = asyncio.create_task(self._schedule(), name="relay-delivery")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=self.settings.relay.upstream_timeout)
+        """Finish the attempts under way (bounded), commit their outcomes, close everything.
+
+        Entries handed out but not started stay active in the queue for the next start.
+        """
+        for task in (self._scheduler,):
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        while not self._ready.empty():
+            entry = self._ready.get_nowait()
+            if entry is not None:
+                self._inflight.pop(entry["id"], None)
+        for _ in self._slots:
+            self._ready.put_nowait(None)
+        if self._slots:
+            _, late = await asyncio.wait(self._slots, timeout=self.settings.relay.upstream_timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*self._slots, return_exceptions=True)
+        if self._committer:
+            self._committer.cancel()
+            await asyncio.gather(self._committer, return_exceptions=True)
+        await self._flush()
         self.executor.shutdown(wait=True)
+        self.io.shutdown(wait=True)
         self.db.close()
 
-    async def _loop(self) -> None:
+    # ------------------------------------------------------------------ scheduling
+
+    async def _schedule(self) -> None:
         while True:
-            try:
-                due = await self._db(store_outbox.due, self.db, store.now_iso(), 50)
-            except Exception:
-                log.exception("relay: cannot read the outbox")
-                due = []
-            for entry in due:
-                if entry["id"] in self._inflight:
-                    continue
-                self._inflight.add(entry["id"])
-                task = asyncio.create_task(self._attempt(entry))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
             self._wake.clear()
+            want = CONCURRENCY * AHEAD - len(self._inflight)
+            if want > 0:
+                busy = set().union(*self._inflight.values())
+                try:
+                    chosen = await self._db(
+                        choose, self.db, store.now_iso(), want, busy, set(self._inflight)
+                    )
+                except Exception:
+                    log.exception("relay: cannot read the outbox")
+                    chosen = []
+                for entry in chosen:
+                    self._inflight[entry["id"]] = _keys(entry)
+                    self._ready.put_nowait(entry)
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
             except TimeoutError:
                 pass
 
-    async def _attempt(self, entry: dict) -> None:
-        try:
-            async with self._sem:
-                await self.attempt(entry)
-        except Exception:
-            log.exception("relay: delivery attempt for outbox %s failed", entry["id"])
-        finally:
-            self._inflight.discard(entry["id"])
+    # ------------------------------------------------------------------ delivering
 
-    async def attempt(self, entry: dict) -> Outcome | None:
-        """One delivery attempt of one entry; updates the queue. Returns the outcome."""
+    async def _slot(self) -> None:
+        """Deliver entry after entry over one upstream connection; close it when idle."""
+        conn = Connection(self.settings.relay)
+        getter: asyncio.Future | None = None
         try:
-            head, data = await self._db(outbox.read_spool, entry["spool_path"])
-        except FileNotFoundError:
-            await self._db(store_outbox.mark_failed, self.db, entry["id"], "spool file missing")
-            return None
+            while True:
+                if getter is None:  # kept across idle timeouts: a handed-out entry is never lost
+                    getter = asyncio.ensure_future(self._ready.get())
+                done, _ = await asyncio.wait(
+                    {getter}, timeout=IDLE_CLOSE if conn.client is not None else None
+                )
+                if not done:
+                    await conn.quit()
+                    continue
+                entry, getter = getter.result(), None
+                if entry is None:
+                    return
+                try:
+                    finished = await self._attempt(conn, entry)
+                except Exception:
+                    log.exception("relay: delivery attempt for outbox %s failed", entry["id"])
+                    self._inflight.pop(entry["id"], None)
+                    continue
+                self._finished.append(finished)
+                self._commit_wake.set()
+        finally:
+            if getter is not None:
+                getter.cancel()
+            await conn.quit(timeout=QUIT_ON_STOP)
+
+    async def _attempt(self, conn: Connection, entry: dict) -> Finished:
+        """One delivery attempt of one entry (the queue is updated by the committer)."""
+        loop = asyncio.get_running_loop()
         rcpts = entry["rcpts"]
+        try:
+            head, data = await loop.run_in_executor(self.io, outbox.read_spool, entry["spool_path"])
+        except FileNotFoundError:
+            return Finished(entry, {}, b"", None, "spool file missing")
+        except (ValueError, LookupError) as exc:
+            return Finished(entry, {}, b"", None, f"spool file unreadable: {exc}")
+        except OSError as exc:  # e.g. out of file descriptors: try again later
+            out = Outcome(temporary={r: f"spool: {exc}" for r in rcpts})
+            return Finished(entry, {}, b"", out)
         up = self.settings.relay.upstream
         if up.startswith("maildir:"):
             out = Outcome()
             try:
-                await self._db(
-                    deliver_maildir, Path(up[len("maildir:") :]), entry["mail_from"], rcpts, data
+                await loop.run_in_executor(
+                    self.io,
+                    deliver_maildir,
+                    Path(up[len("maildir:") :]),
+                    entry["mail_from"],
+                    rcpts,
+                    data,
                 )
                 out.ok = list(rcpts)
             except OSError as exc:
                 out.temporary = {r: f"maildir: {exc}" for r in rcpts}
         else:
-            out = await deliver_smtp(self.settings.relay, entry["mail_from"], rcpts, data)
-        await self._db(self._record, entry, head, data, out)
-        return out
+            out = await conn.send(entry["mail_from"], rcpts, data)
+        return Finished(entry, head, data, out)
 
-    def _record(self, entry: dict, head: dict, data: bytes, out: Outcome) -> None:
-        """Apply an outcome to the queue (runs in the worker's thread)."""
+    # ------------------------------------------------------------------ recording
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._commit_wake.wait()
+            self._commit_wake.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Commit every outcome that finished meanwhile (group commit), then free their
+        recipients for the next entries."""
+        batch, self._finished = self._finished, []
+        if not batch:
+            return
+        try:
+            await self._db(self._commit, batch)
+        except Exception:
+            log.exception("relay: cannot record delivery outcomes")
+        finally:
+            for f in batch:
+                self._inflight.pop(f.entry["id"], None)
+            self.wake()
+
+    def _commit(self, batch: list[Finished]) -> None:
+        """Apply outcomes to the queue (runs in the worker's database thread).
+
+        Reports go first, each durable on its own: a crash before the status commit tries
+        the entry again (the report may repeat), never loses one. Then every status change in
+        one transaction; spool files of sent entries are deleted after it is durable.
+        """
+        plans = [self._plan(f) for f in batch]
+        for plan in plans:
+            if plan.permanent:
+                try:
+                    self._report(plan.entry, plan.data, plan.permanent)
+                except Exception:
+                    log.exception("relay: cannot queue the report for outbox %s", plan.entry["id"])
+        try:
+            with transaction(self.db):
+                for plan in plans:
+                    self._apply(plan)
+        except Exception:
+            log.exception("relay: batch of %d outcomes failed; recording one by one", len(plans))
+            for plan in plans:
+                try:
+                    with transaction(self.db):
+                        self._apply(plan)
+                except Exception:
+                    log.exception("relay: cannot record outbox %s", plan.entry["id"])
+                    plan.remove = None
+        for plan in plans:
+            if plan.remove:
+                outbox.remove_spool(plan.remove)
+
+    def _plan(self, f: Finished) -> Plan:
+        entry = f.entry
+        if f.out is None:
+            return Plan(entry, "failed", error=f.error)
+        out = f.out
         now = dt.datetime.now(dt.UTC)
         created = _parse_time(entry["created_at"])
         max_age = dt.timedelta(seconds=self.settings.relay.max_queue_age)
@@ -233,25 +474,33 @@ class Worker:
                     f"expired after {self.settings.relay.max_queue_age} s: {err}",
                 )
             temporary = {}
+        plan = Plan(entry, "sent", permanent=permanent, data=f.data)
         if out.ok and not temporary and not permanent:
-            sent.mark_delivered(self.db, head.get("meta", {}).get("delivery_ids", []))
-        if permanent:
-            self._report(entry, data, permanent)
+            plan.delivery_ids = f.head.get("meta", {}).get("delivery_ids", [])
         if temporary:
             schedule = self.settings.relay.retry_schedule
             delay = schedule[min(entry["attempts"], len(schedule) - 1)]
-            next_at = min(now + dt.timedelta(seconds=delay), created + max_age)
-            error = "; ".join(f"{r}: {e}" for r, e in temporary.items())
-            store_outbox.mark_retry(
-                self.db, entry["id"], store.to_iso(next_at), error, list(temporary)
-            )
-            return
-        if permanent and not out.ok:
-            error = "; ".join(f"{r}: {e[1]}" for r, e in permanent.items())
-            store_outbox.mark_failed(self.db, entry["id"], error)
-            return
-        store_outbox.mark_sent(self.db, entry["id"])
-        outbox.remove_spool(entry["spool_path"])
+            plan.action = "retry"
+            plan.next_at = store.to_iso(min(now + dt.timedelta(seconds=delay), created + max_age))
+            plan.error = "; ".join(f"{r}: {e}" for r, e in temporary.items())
+            plan.retry_rcpts = list(temporary)
+        elif permanent and not out.ok:
+            plan.action = "failed"
+            plan.error = "; ".join(f"{r}: {e[1]}" for r, e in permanent.items())
+        else:
+            plan.remove = entry["spool_path"]
+        return plan
+
+    def _apply(self, plan: Plan) -> None:
+        entry_id = plan.entry["id"]
+        if plan.delivery_ids:
+            sent.mark_delivered(self.db, plan.delivery_ids)
+        if plan.action == "retry":
+            store_outbox.mark_retry(self.db, entry_id, plan.next_at, plan.error, plan.retry_rcpts)
+        elif plan.action == "failed":
+            store_outbox.mark_failed(self.db, entry_id, plan.error)
+        else:
+            store_outbox.mark_sent(self.db, entry_id)
 
     def _report(self, entry: dict, data: bytes, permanent: dict[str, tuple[str, str]]) -> None:
         """RFC 3464 report to the sender (never for a bounce: its sender is empty)."""

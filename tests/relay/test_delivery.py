@@ -282,7 +282,7 @@ async def test_sigkill_after_250_delivers_after_restart(settings, alice, db, tmp
         await wait_for(lambda: store_outbox.counts(db).get("sent") == 1)
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
+        await asyncio.to_thread(proc.wait, 20)  # the upstream (this loop) answers its QUIT
         await up.stop()
     assert len(up.messages) == 1 and up.messages[0][1] == ["carol@client.test"]
     assert not os.path.exists(queued[0]["spool_path"])

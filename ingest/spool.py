@@ -14,6 +14,7 @@ JSON (envelope and meta) followed by the raw message bytes. Entries are written 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,25 +64,124 @@ def spool_dir(settings: config.Settings) -> Path:
 def write(
     root: Path, mail_from: str, rcpts: list[str], data: bytes, meta: dict | None = None
 ) -> Entry:
-    """Write one entry durably (fsync of file and directories) and return it."""
-    tmp_dir, new_dir = root / "tmp", root / "new"
-    envelope = {
-        "mail_from": mail_from or "",
-        "rcpts": list(rcpts),
-        "meta": dict(meta or {}),
-        "received_at": now_iso(),
-    }
-    final = spoolfile.write(tmp_dir, new_dir, envelope, data, ".msg")
-    spoolfile.fsync_dir(new_dir)
-    _wake()
-    return Entry(
-        final,
-        envelope["mail_from"],
-        envelope["rcpts"],
-        envelope["meta"],
-        envelope["received_at"],
-        len(spoolfile.header_bytes(envelope)),
-    )
+    """Write one entry durably (fsync of file and directory) and return it; on an OSError
+    nothing is left behind and the error is raised."""
+    receiving = Receiving(root, mail_from, rcpts, meta)
+    receiving.write(data)
+    return receiving.commit()
+
+
+class Receiving:
+    """An entry being received: DATA bytes appended as they arrive, durable on ``commit``.
+
+    The SMTP listener streams each message here instead of holding it in memory (aiosmtpd
+    keeps every DATA line as its own object and then joins them: about 4x the message at
+    peak). Bytes are buffered and written in chunks under ``tmp/``; ``commit`` fsyncs,
+    renames into ``new/`` and fsyncs the directory; ``abort`` removes the partial file.
+    Any OSError is kept in ``error`` (and further writes are dropped) so the caller can
+    finish reading DATA and answer 451 instead of a broken session.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(
+        self, root: Path, mail_from: str, rcpts: list[str], meta: dict | None = None
+    ) -> None:
+        self.root = root
+        self.envelope = {
+            "mail_from": mail_from or "",
+            "rcpts": list(rcpts),
+            "meta": dict(meta or {}),
+            "received_at": now_iso(),
+        }
+        self.head = spoolfile.header_bytes(self.envelope)
+        self.name = spoolfile.new_name(".msg")
+        self.tmp = root / "tmp" / self.name
+        self.error: OSError | None = None
+        self.size = 0
+        self._buf = bytearray()
+        self._fd: int | None = None
+        try:
+            (root / "tmp").mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._buf += self.head
+        except OSError as exc:
+            self.error = exc
+
+    def write(self, data: bytes) -> None:
+        """Append message bytes (written out once a chunk has gathered)."""
+        self.size += len(data)
+        if self.error is not None:
+            return
+        if len(data) >= self.CHUNK:  # a whole message handed over: no copy into the buffer
+            self._flush()
+            self._write_all(data)
+            return
+        self._buf += data
+        if len(self._buf) >= self.CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buf:
+            self._write_all(self._buf)
+            self._buf.clear()
+
+    def _write_all(self, data: bytes | bytearray) -> None:
+        if self._fd is None or self.error is not None:
+            return
+        try:
+            with memoryview(data) as whole:
+                view = whole
+                while view:
+                    view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            self.error = exc
+
+    def commit(self) -> Entry:
+        """Make the entry durable and visible to the worker (blocking: run in a thread).
+
+        Raises the first OSError met while receiving or now; the partial file is removed.
+        """
+        new_dir = self.root / "new"
+        final = new_dir / self.name
+        renamed = False
+        try:
+            self._flush()
+            if self.error is not None:
+                raise self.error
+            assert self._fd is not None
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            new_dir.mkdir(parents=True, exist_ok=True)
+            os.rename(self.tmp, final)
+            renamed = True
+            spoolfile.fsync_dir(new_dir)
+        except OSError:
+            self.abort()
+            if renamed:  # not durable, so not accepted: the client will send it again
+                try:
+                    final.unlink(missing_ok=True)
+                except OSError:
+                    pass
+            raise
+        _wake()
+        e = self.envelope
+        return Entry(final, e["mail_from"], e["rcpts"], e["meta"], e["received_at"], len(self.head))
+
+    def abort(self) -> None:
+        """Forget a message that was not accepted (nothing half-spooled is left behind)."""
+        self._buf.clear()
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+        try:
+            self.tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def read(path: Path) -> Entry:

@@ -44,7 +44,8 @@ CONCURRENCY = 8  # upstream connections (slots) delivering at once
 AHEAD = 4  # entries per slot handed out ahead (in flight or waiting for the commit)
 IDLE_CLOSE = 5.0  # seconds a slot keeps an unused upstream connection open
 QUIT_ON_STOP = 2.0  # seconds to wait for the upstream's answer to QUIT when stopping
-PAGE = 256  # outbox rows read per page when choosing what to send
+PAGE = 256
+RESCAN = 1.0  # seconds a walk of the queue is resumed instead of repeated from the start  # outbox rows read per page when choosing what to send
 
 
 @dataclass
@@ -199,31 +200,49 @@ def _keys(entry: dict) -> set[str]:
     return {r.lower() for r in entry["rcpts"]}
 
 
+@dataclass
+class Scan:
+    """Where a walk of the queue ended: resumed when only new entries arrived since."""
+
+    after: int = 0
+    blocked: set[str] = field(default_factory=set)
+    at: float = 0.0  # time.monotonic() of the walk
+    complete: bool = False  # walked to the end of the queue
+
+
 def choose(
-    db: sqlite_utils.Database, now: str, want: int, busy: set[str], inflight: set[int]
-) -> list[dict]:
+    db: sqlite_utils.Database,
+    now: str,
+    want: int,
+    busy: set[str],
+    inflight: set[int],
+    resume: Scan | None = None,
+) -> tuple[list[dict], Scan]:
     """Up to ``want`` due entries that are first in line for each of their recipients.
 
     Walks the active entries in acceptance order; an entry is skipped (and holds back its
     recipients for every later entry) when it is in flight, not due yet, or a recipient of
-    it is held back already. ``busy`` are the recipients of entries in flight.
+    it is held back already. ``busy`` are the recipients of entries in flight. ``resume``
+    continues a complete earlier walk (only entries queued since are read), so that a
+    long queue held back by an unreachable upstream is not re-read for every new message.
     """
-    blocked = set(busy)
+    scan = Scan(resume.after, resume.blocked | busy) if resume else Scan(0, set(busy))
+    scan.at = time.monotonic()
     chosen: list[dict] = []
-    after = 0
     while len(chosen) < want:
-        page = store_outbox.active_page(db, after, PAGE)
+        page = store_outbox.active_page(db, scan.after, PAGE)
         if not page:
+            scan.complete = True
             break
         for e in page:
+            scan.after = e["id"]
             keys = _keys(e)
-            if e["id"] not in inflight and e["next_attempt_at"] <= now and not keys & blocked:
+            if e["id"] not in inflight and e["next_attempt_at"] <= now and not keys & scan.blocked:
                 chosen.append(e)
-                if len(chosen) >= want:
-                    break
-            blocked |= keys
-        after = page[-1]["id"]
-    return chosen
+            scan.blocked |= keys
+            if len(chosen) >= want:
+                break
+    return chosen, scan
 
 
 @dataclass
@@ -270,6 +289,8 @@ class Worker:
         self._ready: asyncio.Queue[dict | None] = asyncio.Queue()
         self._inflight: dict[int, set[str]] = {}  # handed out, until its outcome is committed
         self._finished: list[Finished] = []
+        self._scan: Scan | None = None  # the last complete walk, while it is still valid
+        self._freed = 0  # counts commits that freed recipients (a walk before one is stale)
         self._scheduler: asyncio.Task | None = None
         self._committer: asyncio.Task | None = None
         self._slots: list[asyncio.Task] = []
@@ -324,13 +345,17 @@ class Worker:
             want = CONCURRENCY * AHEAD - len(self._inflight)
             if want > 0:
                 busy = set().union(*self._inflight.values())
+                resume, freed = self._scan, self._freed
+                if resume and time.monotonic() - resume.at > RESCAN:
+                    resume = None  # entries waiting for a retry may be due by now
                 try:
-                    chosen = await self._db(
-                        choose, self.db, store.now_iso(), want, busy, set(self._inflight)
+                    chosen, scan = await self._db(
+                        choose, self.db, store.now_iso(), want, busy, set(self._inflight), resume
                     )
+                    self._scan = scan if scan.complete and freed == self._freed else None
                 except Exception:
                     log.exception("relay: cannot read the outbox")
-                    chosen = []
+                    chosen, self._scan = [], None
                 for entry in chosen:
                     self._inflight[entry["id"]] = _keys(entry)
                     self._ready.put_nowait(entry)
@@ -424,6 +449,7 @@ class Worker:
         finally:
             for f in batch:
                 self._inflight.pop(f.entry["id"], None)
+            self._scan, self._freed = None, self._freed + 1  # walk again from the start
             self.wake()
 
     def _commit(self, batch: list[Finished]) -> None:

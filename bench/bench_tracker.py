@@ -1,44 +1,319 @@
-"""Tracker: requests/s and p50/p99 for pixel and click hits against a bare aiohttp GIF endpoint,
-both measured in the same run from 64 client connections."""
+"""Tracker: requests/s and p50/p99 for pixel and click hits, every hit recorded, 64 connections,
+against a bare aiohttp endpoint and (when installed) nginx serving the same GIF and redirect,
+all measured in the same run from one separate load-client process.
+
+The tracker runs for real: ``cli.initialise`` settings, a database with a user, 1,000 sent
+emails and 4,000 copies, distinct valid pixel and click tokens, and a mix of user agents
+(Gmail's image proxy, Apple Mail, Outlook, desktop and phone browsers). After every run the
+bench checks that the number of hits recorded equals the number of requests answered.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-from common import GIF, free_port, repeated, row
+from common import GIF, free_port, row, spread
+
+EMAILS, RECIPIENTS, LINKS = 1000, 4, 3
+CONNS = 64
+PIXEL_AGENTS = [
+    "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Mobile/15E148",
+    "Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.17328; Pro)",
+]
+BROWSERS = [
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/120.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Version/17.4 Safari/605.1.15",
+    "Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1",
+]
+
+# The load client: its own process, CONNS keep-alive connections, each taking the next
+# (path, user agent) from the shared list; bounded in count and time.
+CLIENT = r"""
+import asyncio, json, sys, time
+import aiohttp
+host, port, conc, total, limit, plan = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
+items = [line.rstrip("\n").split("\t", 1) for line in open(plan, encoding="utf-8") if line.strip()]
+lat, statuses, errors = [], {}, 0
+nxt = 0
+async def worker(deadline):
+    global nxt, errors
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
+        while nxt < total and time.monotonic() < deadline:
+            path, ua = items[nxt % len(items)]
+            nxt += 1
+            t = time.perf_counter()
+            try:
+                async with s.get(f"http://{host}:{port}{path}", headers={"User-Agent": ua}, allow_redirects=False) as r:
+                    await r.read()
+                    statuses[r.status] = statuses.get(r.status, 0) + 1
+            except aiohttp.ClientError:
+                errors += 1
+                continue
+            lat.append(time.perf_counter() - t)
+async def main():
+    deadline = time.monotonic() + limit
+    t = time.perf_counter()
+    await asyncio.gather(*(worker(deadline) for _ in range(conc)))
+    el = time.perf_counter() - t
+    lat.sort()
+    print(json.dumps({"n": len(lat), "seconds": el, "rate": len(lat) / el, "errors": errors,
+        "statuses": statuses, "answered": statuses.get(200, 0) + statuses.get(302, 0),
+        "p50_ms": lat[len(lat) // 2] * 1000, "p99_ms": lat[int(len(lat) * 0.99)] * 1000}))
+asyncio.run(main())
+"""
 
 
-async def http_baseline(quick: bool) -> dict:
-    """A bare aiohttp GIF endpoint: the ceiling for any aiohttp-based tracker."""
+async def load(port: int, total: int, limit: float, plan: Path) -> dict:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CLIENT,
+        "127.0.0.1",
+        str(port),
+        str(CONNS),
+        str(total),
+        str(limit),
+        str(plan),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=limit + 60)
+    if proc.returncode:
+        raise RuntimeError(f"load client failed: {err.decode()[-500:]}")
+    return json.loads(out)
+
+
+def summary(runs: list[dict]) -> dict:
+    return {k: spread([r[k] for r in runs]) for k in ("rate", "p50_ms", "p99_ms")}
+
+
+# ---------------------------------------------------------------- test data
+
+
+def make_data(workdir: Path):
+    """Settings and a database of sent copies; returns (settings, plan file)."""
+    import cli
+    import store
+    from store import contacts as store_contacts
+    from store import tracking
+    from store import users as store_users
+    from tracker import tokens
+
+    settings = cli.initialise(workdir / "data")
+    port = free_port()
+    settings.tracker.listen = f"127.0.0.1:{port}"
+    settings.tracker.base_url = f"http://127.0.0.1:{port}"
+    signer = tokens.Signer(settings.tracker.secrets)
+    delivered = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).isoformat()
+    db = store.connect(settings.db_path)
+    user = store_users.add_user(db, "seller@bench.example", "Seller", None)
+    pixels, clicks = [], []
+    with db.conn:
+        for e in range(EMAILS):
+            pairs = []
+            for r in range(RECIPIENTS):
+                contact, _ = store_contacts.ensure_contact(db, f"r{e}-{r}@buyer{e % 50}.example")
+                pairs.append((contact["email"], contact["id"]))
+            links = [
+                f"https://shop.example.com/p/{e}/{i}?utm_source=mail&a=1" for i in range(LINKS)
+            ]
+            made = tracking.add_sent_email(
+                db,
+                user_id=user["id"],
+                subject=f"Offer {e}",
+                recipients=pairs,
+                links=links,
+                delivered_at=delivered,
+                from_addr=user["email"],
+            )
+            for d in made["deliveries"]:
+                pixels.append(f"/o/{signer.open_token(d)}.gif")
+                clicks += [f"/c/{signer.click_token(d, i, url)}" for i, url in enumerate(links)]
+    db.close()
+    rng = random.Random(8)
+    plan_lines = [  # about 70% pixels, 30% clicks, random copies
+        f"{rng.choice(pixels)}\t{rng.choice(PIXEL_AGENTS)}"
+        if rng.random() < 0.7
+        else f"{rng.choice(clicks)}\t{rng.choice(BROWSERS)}"
+        for _ in range(20000)
+    ]
+    plan = workdir / "plan.tsv"
+    plan.write_text("\n".join(plan_lines) + "\n", encoding="utf-8")
+    return settings, plan
+
+
+# ---------------------------------------------------------------- servers
+
+
+async def bare_aiohttp(quick: bool, plan: Path, runs: int, total: int, limit: float) -> dict:
+    """A bare aiohttp endpoint: the GIF for /o/, a 302 for /c/ (the ceiling for aiohttp)."""
     from aiohttp import web
 
     async def gif(_):
         return web.Response(body=GIF, content_type="image/gif")
 
+    async def redirect(_):
+        return web.Response(status=302, headers={"Location": "https://shop.example.com/"})
+
     app = web.Application()
     app.router.add_get("/o/{tok}", gif)
+    app.router.add_get("/c/{tok}", redirect)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        # the server shares this process' loop; the client runs in its own process
-        return await repeated(
-            3, "http", "127.0.0.1", port, 64, 2000 if quick else 20000, 5 if quick else 20, "/o/x"
-        )
+        return summary([await load(port, total, limit, plan) for _ in range(runs)])
     finally:
         await runner.cleanup()
 
 
+NGINX_CONF = """worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
+    uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
+    server {{
+        listen 127.0.0.1:{port};
+        location /o/ {{ root {d}/www; default_type image/gif; try_files /pixel.gif =404;
+            add_header Cache-Control "no-cache, no-store, must-revalidate, max-age=0"; }}
+        location /c/ {{ return 302 https://shop.example.com/; }}
+    }}
+}}
+"""
+
+
+async def nginx(plan: Path, runs: int, total: int, limit: float) -> dict | None:
+    """nginx (one worker) serving the same GIF and redirect: the ceiling of the machine."""
+    exe = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else "")
+    if not exe:
+        return None
+    with tempfile.TemporaryDirectory(prefix="bench-nginx-") as tmp:
+        d = Path(tmp)
+        (d / "www").mkdir()
+        (d / "tmp").mkdir()
+        (d / "www" / "pixel.gif").write_bytes(GIF)
+        d.chmod(0o755)
+        for p in (d / "www", d / "tmp", d / "www" / "pixel.gif"):
+            p.chmod(0o755)
+        port = free_port()
+        (d / "nginx.conf").write_text(NGINX_CONF.format(d=d, port=port))
+        proc = subprocess.Popen(
+            [exe, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            for _ in range(100):
+                try:
+                    _, w = await asyncio.open_connection("127.0.0.1", port)
+                    w.close()
+                    break
+                except OSError:
+                    await asyncio.sleep(0.05)
+            return summary([await load(port, total, limit, plan) for _ in range(runs)])
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+async def tracker(settings, plan: Path, runs: int, total: int, limit: float) -> tuple[dict, list]:
+    """The real tracker (tracker/service.start); after each run every answered request
+    must be a recorded hit."""
+    import store
+    from store import events as store_events
+    from tracker import service
+
+    svc = await service.start(settings)
+    db = store.connect(settings.db_path)
+    results, checks = [], []
+    try:
+        for _ in range(runs):
+            before = store_events.count_hits(db)
+            r = await load(svc.port, total, limit, plan)
+            deadline = time.monotonic() + 120
+            while svc.writer.pending and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            recorded = store_events.count_hits(db) - before
+            checks.append({"answered": r["answered"], "recorded": recorded})
+            if recorded != r["answered"] or r["errors"] or r["answered"] != r["n"]:
+                raise AssertionError(f"tracker lost or failed hits: {r} recorded={recorded}")
+            results.append(r)
+    finally:
+        await svc.stop()
+        db.close()
+    return summary(results), checks
+
+
 def run(quick: bool) -> list[dict]:
-    r = asyncio.run(http_baseline(quick))
-    return [
+    runs = 3
+    total, limit = (3000, 5.0) if quick else (20000, 20.0)
+    with tempfile.TemporaryDirectory(prefix="bench-tracker-") as tmp:
+        settings, plan = make_data(Path(tmp))
+        bare = asyncio.run(bare_aiohttp(quick, plan, runs, total, limit))
+        ngx = asyncio.run(nginx(plan, runs, total, limit))
+        real, checks = asyncio.run(tracker(settings, plan, runs, total, limit))
+    ratio = real["rate"]["median"] / bare["rate"]["median"]
+    out = [
         row(
-            "bare aiohttp GIF, 64 conns",
+            "bare aiohttp GIF/302, 64 conns",
             "req/s",
-            r["rate"],
+            bare["rate"],
             "baseline",
-            p50_ms=r["p50_ms"],
-            p99_ms=r["p99_ms"],
+            p50_ms=bare["p50_ms"],
+            p99_ms=bare["p99_ms"],
         )
     ]
+    if ngx:
+        out.append(
+            row(
+                "nginx GIF/302 (1 worker), 64 conns",
+                "req/s",
+                ngx["rate"],
+                "baseline",
+                p50_ms=ngx["p50_ms"],
+                p99_ms=ngx["p99_ms"],
+            )
+        )
+    else:
+        out.append(row("nginx GIF/302", "req/s", None, "baseline (nginx not installed)"))
+    out.append(
+        row(
+            "tracker pixel+click, every hit recorded, 64 conns",
+            "req/s",
+            real["rate"],
+            ">= 0.8x bare aiohttp; p99 <= 15 ms",
+            met=ratio >= 0.8 and real["p99_ms"]["median"] <= 15,
+            baseline=bare["rate"],
+            ratio=round(ratio, 3),
+            ratio_nginx=round(real["rate"]["median"] / ngx["rate"]["median"], 3) if ngx else None,
+            p50_ms=real["p50_ms"],
+            p99_ms=real["p99_ms"],
+            recorded=checks,
+        )
+    )
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(run("--quick" in sys.argv), indent=1))

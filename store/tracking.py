@@ -9,27 +9,50 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Iterable, Iterator
 
 import sqlite_utils
 
 from store.db import now_iso
 from store.sql import row, rows, transaction
 
-
-def copy_context(db: sqlite_utils.Database, delivery_id: int) -> dict | None:
-    """The copy, its email, its sender and its contact's lawful basis; None if erased."""
-    return row(
-        db,
-        """SELECT d.id AS delivery_id, d.email_id, d.recipient, d.contact_id, d.shared,
+_CONTEXT = """SELECT d.id AS delivery_id, d.email_id, d.recipient, d.contact_id, d.shared,
                   d.delivered_at, d.created_at, e.user_id, e.subject, e.track_opens,
                   e.track_clicks, u.email AS user_email, c.lawful_basis, c.email AS contact_email,
                   (SELECT COUNT(*) FROM links l WHERE l.email_id = d.email_id) AS link_count
            FROM deliveries d JOIN emails e ON e.id = d.email_id
            LEFT JOIN users u ON u.id = e.user_id
            LEFT JOIN contacts c ON c.id = d.contact_id
-           WHERE d.id = ?""",
-        [delivery_id],
-    )
+           WHERE d.id IN ({marks})"""
+_RECENT = """SELECT ev.id, ev.delivery_id, ev.kind, ev.at, ev.ip, ev.verdict, ev.reason,
+                  l.position
+           FROM events ev LEFT JOIN links l ON l.id = ev.link_id
+           WHERE ev.delivery_id IN ({marks}) AND ev.at >= ? AND ev.inferred = 0
+             AND ev.kind IN ('open', 'click')
+           ORDER BY ev.at, ev.id"""
+# SQLite allows 32,766 parameters per statement; a batch's ids are read in chunks.
+_CHUNK = 500
+
+
+def _chunks(ids: Iterable[int]) -> Iterator[list[int]]:
+    ordered = sorted(set(ids))
+    for i in range(0, len(ordered), _CHUNK):
+        yield ordered[i : i + _CHUNK]
+
+
+def copy_context(db: sqlite_utils.Database, delivery_id: int) -> dict | None:
+    """The copy, its email, its sender and its contact's lawful basis; None if erased."""
+    return copy_contexts(db, [delivery_id]).get(delivery_id)
+
+
+def copy_contexts(db: sqlite_utils.Database, delivery_ids: Iterable[int]) -> dict[int, dict]:
+    """:func:`copy_context` of many copies at once (the writer reads a batch's in one go);
+    erased or unknown copies are missing from the result."""
+    out: dict[int, dict] = {}
+    for chunk in _chunks(delivery_ids):
+        for r in rows(db, _CONTEXT.format(marks=",".join("?" * len(chunk))), chunk):
+            out[r["delivery_id"]] = r
+    return out
 
 
 def link_id(db: sqlite_utils.Database, email_id: int, position: int) -> dict | None:
@@ -39,26 +62,52 @@ def link_id(db: sqlite_utils.Database, email_id: int, position: int) -> dict | N
     )
 
 
+def link_ids(db: sqlite_utils.Database, email_ids: Iterable[int]) -> dict[tuple[int, int], int]:
+    """The link ids of many emails, by (email id, position)."""
+    out: dict[tuple[int, int], int] = {}
+    for chunk in _chunks(email_ids):
+        marks = ",".join("?" * len(chunk))
+        for r in db.execute(
+            f"SELECT email_id, position, id FROM links WHERE email_id IN ({marks})", chunk
+        ).fetchall():
+            out[(r[0], r[1])] = r[2]
+    return out
+
+
 def recent_hits(db: sqlite_utils.Database, delivery_id: int, since: str) -> list[dict]:
     """The copy's non-inferred open/click events at or after ``since``, oldest first."""
-    return rows(
-        db,
-        """SELECT ev.id, ev.kind, ev.at, ev.ip, ev.verdict, ev.reason, ev.link_id,
-                  l.position, ev.method
-           FROM events ev LEFT JOIN links l ON l.id = ev.link_id
-           WHERE ev.delivery_id = ? AND ev.at >= ? AND ev.inferred = 0
-             AND ev.kind IN ('open', 'click')
-           ORDER BY ev.at, ev.id""",
-        [delivery_id, since],
-    )
+    return recent_hits_of(db, [delivery_id], since).get(delivery_id, [])
+
+
+def recent_hits_of(
+    db: sqlite_utils.Database, delivery_ids: Iterable[int], since: str
+) -> dict[int, list[dict]]:
+    """:func:`recent_hits` of many copies at once, by copy (each list oldest first)."""
+    out: dict[int, list[dict]] = {}
+    for chunk in _chunks(delivery_ids):
+        sql = _RECENT.format(marks=",".join("?" * len(chunk)))
+        for r in rows(db, sql, [*chunk, since]):
+            out.setdefault(r["delivery_id"], []).append(r)
+    return out
 
 
 def human_open_count(db: sqlite_utils.Database, delivery_id: int) -> int:
     """How many human opens (inferred included) the copy has: for "2nd open"."""
-    return db.execute(
-        "SELECT COUNT(*) FROM events WHERE delivery_id = ? AND kind = 'open' AND verdict = 'human'",
-        [delivery_id],
-    ).fetchone()[0]
+    return human_open_counts(db, [delivery_id]).get(delivery_id, 0)
+
+
+def human_open_counts(db: sqlite_utils.Database, delivery_ids: Iterable[int]) -> dict[int, int]:
+    """:func:`human_open_count` of many copies at once (copies without one are missing)."""
+    out: dict[int, int] = {}
+    for chunk in _chunks(delivery_ids):
+        marks = ",".join("?" * len(chunk))
+        for r in db.execute(
+            f"""SELECT delivery_id, COUNT(*) FROM events WHERE delivery_id IN ({marks})
+                AND kind = 'open' AND verdict = 'human' GROUP BY delivery_id""",
+            chunk,
+        ).fetchall():
+            out[r[0]] = r[1]
+    return out
 
 
 def add_sent_email(

@@ -1,9 +1,13 @@
 """The tracker's HTTP endpoints: pixel, click redirect, honeypot, live feed, health.
 
-A request never touches the database: the token carries the copy and the target URL, the
-hit goes to the batch writer, and the response waits at most ``write_wait_seconds`` for
-its commit. So the pixel and redirects keep working while the database is locked, and a
-click still redirects after its email was erased.
+A request never touches the database: the token carries the copy and the target URL, and
+the hit goes on the batch writer's queue. The response does not wait for the disk: a
+queued hit is as safe as a committed one for every way the tracker stops on purpose (the
+writer drains its queue on SIGTERM, and spools what it cannot write). Only when the writer
+is far behind (``BatchWriter.backlog_limit`` hits) does a response wait, at most
+``write_wait_seconds``, for its commit: back-pressure that bounds the queue. So pixels and
+redirects keep working while the database is locked, and a click still redirects after
+its email was erased.
 """
 
 from __future__ import annotations
@@ -104,8 +108,11 @@ def make_app(settings: config.Settings, writer: BatchWriter, feed: notify.Feed) 
             at=time.time(),
             headers=headers,
         )
+        if not writer.behind:
+            writer.enqueue(hit)
+            return
         fut = writer.submit(hit)
-        try:  # group commit: normally a few ms; a slow disk only delays, never blocks
+        try:  # back-pressure: wait for the commit, but a locked disk never blocks a reply
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), wait)
         except TimeoutError:
             pass

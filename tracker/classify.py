@@ -8,9 +8,11 @@ decides; burst rules also name earlier hits that must be re-labelled as machines
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import crawleruseragents
 
@@ -42,6 +44,9 @@ REASONS: dict[str, tuple[str, str]] = {
     "address_burst": (MACHINE, "3 or more client addresses on one copy within 30 s"),
     "human": (HUMAN, "none of the rules above applied"),
 }
+
+AGENT_CACHE_SIZE = 4096
+AGENT_CACHE_CHARS = 512
 
 _PREFETCH = re.compile(r"prefetch|prerender|preview", re.I)
 _HEADLESS = re.compile(
@@ -86,9 +91,9 @@ class Copy:
     link_count: int = 0
 
 
-@dataclass(frozen=True)
-class Prior:
-    """An earlier hit of the same copy (within the burst window)."""
+class Prior(NamedTuple):
+    """An earlier hit of the same copy (within the burst window). A named tuple: the writer
+    makes one per earlier hit per hit, and a frozen dataclass costs several times more."""
 
     id: int | None
     kind: str  # "open" or "click"
@@ -131,10 +136,20 @@ class Rules:
             if scanner_user_agents
             else None
         )
+        # Per-agent verdicts, cached (agents longer than AGENT_CACHE_CHARS are not kept).
+        self._agents = functools.lru_cache(maxsize=AGENT_CACHE_SIZE)(
+            functools.partial(_agent_verdicts, rules=self)
+        )
         self.window = machine_window_seconds
         self.link_burst_seconds = link_burst_seconds
         self.address_burst_seconds = address_burst_seconds
         self.address_burst_count = address_burst_count
+
+    def agent(self, ua: str) -> tuple[str | None, str | None]:
+        """:func:`_agent_verdicts` of ``ua``, from the cache when it has been seen."""
+        if len(ua) > AGENT_CACHE_CHARS:
+            return _agent_verdicts(ua, self)
+        return self._agents(ua)
 
     @property
     def lookback_seconds(self) -> float:
@@ -146,6 +161,23 @@ def _is_crawler(ua: str, rules: Rules) -> bool:
     if rules.scanner_ua is not None and rules.scanner_ua.search(ua):
         return True
     return crawleruseragents.is_crawler(ua)
+
+
+def _agent_verdicts(ua: str, rules: Rules) -> tuple[str | None, str | None]:
+    """What the user agent alone says: (image proxy reason, headless/library/crawler reason).
+
+    The crawler list is some 1,500 regular expressions (about 1 ms per user agent), and
+    mail clients send few distinct user agents, so :class:`Rules` caches this per agent.
+    """
+    if _HEADLESS.search(ua):
+        agent = "headless_browser"
+    elif _LIBRARY.search(ua):
+        agent = "http_library"
+    elif _is_crawler(ua, rules):
+        agent = "scanner_user_agent"
+    else:
+        agent = None
+    return _image_proxy(ua), agent
 
 
 def _image_proxy(ua: str) -> str | None:
@@ -191,7 +223,9 @@ def classify(hit: Hit, copy: Copy, recent: Sequence[Prior], rules: Rules) -> Ver
         return _verdict("empty_user_agent")
     since_delivery = hit.at - copy.delivered_at if copy.delivered_at is not None else None
     in_window = since_delivery is not None and since_delivery < rules.window
-    proxy = _image_proxy(ua) if hit.kind == "open" else None
+    proxy, agent = rules.agent(ua)
+    if hit.kind != "open":
+        proxy = None
     if proxy == "google_image_proxy" and in_window:
         return _verdict("gmail_prefetch")
     if proxy:
@@ -204,12 +238,8 @@ def classify(hit: Hit, copy: Copy, recent: Sequence[Prior], rules: Rules) -> Ver
         return _verdict("microsoft_defender_network")
     if hit.ip in rules.scanners:
         return _verdict("scanner_network")
-    if _HEADLESS.search(ua):
-        return _verdict("headless_browser")
-    if _LIBRARY.search(ua):
-        return _verdict("http_library")
-    if _is_crawler(ua, rules):
-        return _verdict("scanner_user_agent")
+    if agent:
+        return _verdict(agent)
     if in_window:
         return _verdict("delivery_window")
     if hit.kind == "click" and hit.position is not None:

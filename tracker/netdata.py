@@ -13,6 +13,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import socket
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
@@ -55,19 +56,47 @@ class NetworkSet:
             self.size += len(items)
 
     def __contains__(self, ip: object) -> bool:
-        try:
-            addr = ipaddress.ip_address(str(ip))
-        except ValueError:
+        if not self.size:
             return False
-        if addr.version == 6 and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        value = int(addr)
-        starts = self._starts[addr.version]
+        found = _address(str(ip))
+        if found is None:
+            return False
+        version, value = found
+        starts = self._starts[version]
         i = bisect.bisect_right(starts, value) - 1
-        return i >= 0 and value <= self._ends[addr.version][i]
+        return i >= 0 and value <= self._ends[version][i]
 
     def __len__(self) -> int:
         return self.size
+
+
+_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+def _address(text: str) -> tuple[int, int] | None:
+    """(version, integer) of an address; IPv4-mapped IPv6 counts as IPv4.
+
+    ``inet_pton`` takes about a microsecond where ``ipaddress.ip_address`` takes 15 and
+    every hit is looked up in several sets; anything it refuses (a scope id, garbage) goes
+    the slow way.
+    """
+    try:
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text))
+    except OSError:
+        pass
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, text)
+    except OSError:
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            return None
+        if addr.version == 6 and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return addr.version, int(addr)
+    if packed[:12] == _MAPPED:
+        return 4, int.from_bytes(packed[12:])
+    return 6, int.from_bytes(packed)
 
 
 def parse_networks(text: str) -> list[str]:

@@ -59,12 +59,15 @@ class Feed:
         self.subscribers: set[asyncio.Queue] = set()
         self.wake_webhooks = asyncio.Event()
 
-    def publish_threadsafe(self, notices: list[dict]) -> None:
-        """Called by the writer thread after a commit."""
-        self.loop.call_soon_threadsafe(self._publish, notices)
+    def publish_threadsafe(self, notices: list[dict], webhooks_queued: bool = True) -> None:
+        """Called by the writer thread after a commit. The webhook sender is woken only
+        when the batch queued deliveries (each wake costs it a database round trip)."""
+        if webhooks_queued or self.subscribers:
+            self.loop.call_soon_threadsafe(self._publish, notices, webhooks_queued)
 
-    def _publish(self, notices: list[dict]) -> None:
-        self.wake_webhooks.set()
+    def _publish(self, notices: list[dict], webhooks_queued: bool = True) -> None:
+        if webhooks_queued:
+            self.wake_webhooks.set()
         for q in list(self.subscribers):
             for notice in notices:
                 if q.full():  # a stalled watcher loses old lines, never blocks the tracker

@@ -69,7 +69,8 @@ class Signer:
         self._keys = [hashlib.sha256(s.encode()).digest() for s in secrets]
 
     def _tag(self, key: bytes, payload: bytes) -> bytes:
-        return hmac.new(key, payload, hashlib.sha256).digest()[:TAG_BYTES]
+        # hmac.digest: one call into OpenSSL, several times cheaper than hmac.new(...).digest()
+        return hmac.digest(key, payload, "sha256")[:TAG_BYTES]
 
     def _seal(self, payload: bytes) -> str:
         return _b64(payload + self._tag(self._keys[0], payload))

@@ -1,11 +1,13 @@
 """The batch writer: classifies queued hits and commits them in groups (group commit).
 
-Requests put hits on a queue and wait at most ``write_wait_seconds`` for their commit.
-One thread owns the database: it takes whatever is queued, classifies each hit against
-its copy's recent hits, writes all of them in one transaction, then takes the next lot.
-A slow or locked disk makes batches bigger, not responses slower. ``close()`` writes
-everything still queued; if the database stays unwritable, the hits go to a spool file
-that the next start replays, so a clean shutdown loses nothing.
+Requests put hits on a queue and answer at once; only when the writer is more than
+``backlog_limit`` hits behind do they wait (at most ``write_wait_seconds``) for their
+commit. One thread owns the database: it takes whatever is queued, reads what the lot
+needs in a few queries (the copies, their recent hits, their open counts, their links),
+classifies each hit against its copy's recent hits, writes all of them in one transaction,
+then takes the next lot. A slow or locked disk makes batches bigger, not responses slower.
+``close()`` writes everything still queued; if the database stays unwritable, the hits go
+to a spool file that the next start replays, so a clean shutdown loses nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 import config
 import store
 from store import events as store_events
-from store import tracking
+from store import report_schema, tracking
 from store import webhooks as store_webhooks
 from tracker import classify
 
@@ -55,6 +57,17 @@ def _iso(ts: float) -> str:
     return store.to_iso(dt.datetime.fromtimestamp(ts, dt.UTC))
 
 
+def _text(value: str) -> str:
+    """Header text as SQLite can store it: undecodable bytes (which aiohttp keeps as lone
+    surrogates) become U+FFFD instead of failing the batch."""
+    if value.isascii():
+        return value
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
+        return value.encode("utf-8", "replace").decode("utf-8")
+
+
 def _epoch(iso: str | None) -> float | None:
     if not iso:
         return None
@@ -65,6 +78,9 @@ def _epoch(iso: str | None) -> float | None:
 
 
 _STOP = object()
+# Hits queued but not yet written beyond which responses wait for their commit: a few
+# seconds of work, a few MB of memory.
+BACKLOG_LIMIT = 20_000
 
 
 class BatchWriter:
@@ -74,20 +90,23 @@ class BatchWriter:
         self,
         settings: config.Settings,
         rules: classify.Rules,
-        publish: Callable[[list[dict]], None] | None = None,
+        publish: Callable[[list[dict], bool], None] | None = None,
     ) -> None:
         self.settings = settings
         self.rules = rules
-        self.publish = publish or (lambda notices: None)
+        self.publish = publish or (lambda notices, webhooks_queued: None)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="tracker-writer", daemon=True)
         self._closing = False
         # Client addresses of recent hits, kept in memory only: anonymous events store none,
         # but the burst rules still need to tell clients apart for a few seconds.
         self._ips: collections.OrderedDict[int, tuple[str, float]] = collections.OrderedDict()
+        # Counted by one thread each (no lost updates): queued by the event loop, handled
+        # (written or spooled) by the writer.
+        self.queued = 0
         self.written = 0
         self.batches = 0
-        self.pending = 0
+        self.backlog_limit = BACKLOG_LIMIT
         self.spool_path = settings.data_dir / SPOOL_NAME
 
     # --- producer side ----------------------------------------------------------------------
@@ -96,12 +115,28 @@ class BatchWriter:
         self._thread.start()
         self._replay_spool()
 
+    def enqueue(self, hit: PendingHit) -> None:
+        """Queue a hit without waiting for it (it is written, or spooled, before close()
+        returns)."""
+        self.queued += 1
+        self._queue.put((hit, None))
+
     def submit(self, hit: PendingHit) -> concurrent.futures.Future:
         """Queue a hit; the future completes when its batch is committed."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self.pending += 1
+        self.queued += 1
         self._queue.put((hit, fut))
         return fut
+
+    @property
+    def pending(self) -> int:
+        """Hits queued and not yet written."""
+        return self.queued - self.written
+
+    @property
+    def behind(self) -> bool:
+        """Whether the queue is long enough that new hits should wait for their commit."""
+        return self.queued - self.written > self.backlog_limit
 
     def close(self, timeout: float = 30.0) -> None:
         """Write everything queued, then stop the thread (blocking)."""
@@ -118,6 +153,7 @@ class BatchWriter:
 
     def _run(self) -> None:
         db = store.connect(self.settings.db_path)
+        self._fold = report_schema.batching_available(db)
         try:
             stop = False
             while not stop:
@@ -137,33 +173,32 @@ class BatchWriter:
 
     def _write_with_retry(self, db, batch: list) -> None:
         delay = 0.02
+        hits = [hit for hit, _ in batch if hit is not None]
         while True:
             try:
-                notices = self._write(db, [hit for hit, _ in batch])
+                notices, webhooks = self._write(db, hits)
                 break
             except sqlite3.OperationalError as exc:  # locked or busy: wait, never drop
                 if self._closing and time.monotonic() > self._close_deadline:
-                    self._spool([hit for hit, _ in batch], str(exc))
-                    notices = []
+                    self._spool(hits, str(exc))
+                    notices, webhooks = [], 0
                     break
                 log.warning("tracker: database unavailable (%s), retrying", exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
             except Exception:  # a bug must not lose hits: keep them for the next start
-                log.exception("tracker: could not write %d hits; spooled", len(batch))
-                self._spool([hit for hit, _ in batch], "error")
-                notices = []
+                log.exception("tracker: could not write %d hits; spooled", len(hits))
+                self._spool(hits, "error")
+                notices, webhooks = [], 0
                 break
-        real = sum(1 for hit, _ in batch if hit is not None)
-        self.written += real
+        self.written += len(hits)
         self.batches += 1
-        self.pending -= real
         for _, fut in batch:
             if fut is not None and not fut.done():
                 fut.set_result(None)
         if notices:
             try:
-                self.publish(notices)
+                self.publish(notices, webhooks > 0)
             except Exception:  # the live feed must never stop the writer
                 log.exception("tracker: publishing notices failed")
 
@@ -183,33 +218,40 @@ class BatchWriter:
         os.replace(path, replay)
         for line in replay.read_text(encoding="utf-8").splitlines():
             if line.strip():
-                self._queue.put((PendingHit(**json.loads(line)), None))
-                self.pending += 1
+                self.enqueue(PendingHit(**json.loads(line)))
         self._queue.put((None, _Unlink(replay)))
 
     # --- one batch --------------------------------------------------------------------------
 
-    def _write(self, db, hits: list[PendingHit]) -> list[dict]:
+    def _write(self, db, hits: list[PendingHit]) -> tuple[list[dict], int]:
+        """Record ``hits`` in one transaction; (notices, webhook deliveries queued)."""
         notices: list[dict] = []
+        queued = 0
         with store.sql.transaction(db):
+            if self._fold:  # summaries per batch, not per event (see report_schema)
+                report_schema.begin_batch(db)
+            batch = _Batch(db, hits, self.rules.lookback_seconds)
             for hit in hits:
-                if hit is None:
-                    continue
-                notices += self._record(db, hit)
+                notices += self._record(db, hit, batch)
+            batch.flush()
             for notice in notices:
-                self._queue_webhooks(db, notice)
+                queued += self._queue_webhooks(db, notice, batch)
+            if self._fold:
+                report_schema.end_batch(db)
         now = time.time()
         while self._ips and next(iter(self._ips.values()))[1] < now - 120:
             self._ips.popitem(last=False)
-        return notices
+        return notices, queued
 
-    def _record(self, db, hit: PendingHit) -> list[dict]:
-        ctx = tracking.copy_context(db, hit.delivery_id)
+    def _record(self, db, hit: PendingHit, batch: _Batch) -> list[dict]:
+        """Classify one hit and add its event(s) to the batch; its notices."""
+        ctx = batch.contexts.get(hit.delivery_id)
         at = _iso(hit.at)
+        user_agent = _text(hit.user_agent)
         request = classify.Hit(
             kind=hit.kind,
             method=hit.method,
-            user_agent=hit.user_agent,
+            user_agent=user_agent,
             ip=hit.ip,
             at=hit.at,
             headers=hit.headers,
@@ -219,8 +261,7 @@ class BatchWriter:
         if ctx is None:
             # Erased or unknown copy: still recorded, with nothing that identifies anyone.
             verdict = classify.classify(request, classify.Copy(), [], self.rules)
-            store_events.insert_event(
-                db,
+            batch.add_event(
                 {
                     "kind": kind,
                     "at": at,
@@ -228,21 +269,23 @@ class BatchWriter:
                     "method": hit.method,
                     "verdict": verdict.verdict,
                     "reason": verdict.reason,
-                },
+                }
             )
             return []
         since = _iso(hit.at - self.rules.lookback_seconds)
+        ips = self._ips
         priors = [
             classify.Prior(
-                id=p["id"],
-                kind=p["kind"],
-                at=_epoch(p["at"]) or 0.0,
-                ip=p["ip"] or self._ips.get(p["id"], (None, 0))[0],
-                verdict=p["verdict"],
-                reason=p["reason"],
-                position=p["position"],
+                p["id"],
+                p["kind"],
+                p["t"],
+                p["ip"] or ips.get(p["id"], (None, 0))[0],
+                p["verdict"],
+                p["reason"],
+                p["position"],
             )
-            for p in tracking.recent_hits(db, hit.delivery_id, since)
+            for p in batch.recent.get(hit.delivery_id, ())
+            if p["at"] >= since
         ]
         delivered = _epoch(ctx["delivered_at"]) or _epoch(ctx["created_at"])
         verdict = classify.classify(
@@ -252,7 +295,7 @@ class BatchWriter:
             self.settings.privacy.enabled and ctx["lawful_basis"] != "yes"
         )
         link = (
-            tracking.link_id(db, ctx["email_id"], hit.position)
+            batch.links.get((ctx["email_id"], hit.position))
             if hit.kind == "click" and hit.position is not None
             else None
         )
@@ -261,17 +304,36 @@ class BatchWriter:
             "at": at,
             "email_id": ctx["email_id"],
             "delivery_id": hit.delivery_id,
-            "link_id": link["id"] if link else None,
+            "link_id": link,
             "contact_id": None if anonymous else ctx["contact_id"],
             "anonymous": int(anonymous),
             "ip": None if anonymous else hit.ip,
-            "user_agent": None if anonymous else hit.user_agent[:1000],
+            "user_agent": None if anonymous else user_agent[:1000],
             "method": hit.method,
             "verdict": verdict.verdict,
             "reason": verdict.reason,
         }
-        ids = store_events.insert_event(db, event)
+        ids = [batch.add_event(event)]
+        if verdict.verdict == "human" and kind == "click" and not batch.opened(hit.delivery_id):
+            # HubSpot's retroactive open (store.events.infer_open, decided from the batch's
+            # exact count of the copy's human opens).
+            inferred = dict(event, kind="open", inferred=1, link_id=None, caused_by=ids[0])
+            inferred["reason"] = f"inferred_from_{kind}"
+            ids.append(batch.add_event(inferred))
         self._ips[ids[0]] = (hit.ip, time.time())
+        batch.add_prior(
+            hit.delivery_id,
+            {
+                "id": ids[0],
+                "kind": kind,
+                "at": at,
+                "t": hit.at,
+                "ip": event["ip"],
+                "verdict": verdict.verdict,
+                "reason": verdict.reason,
+                "position": hit.position if link is not None else None,
+            },
+        )
         who = None if anonymous else (ctx["contact_email"] or ctx["recipient"])
         base = {
             "user": ctx["user_email"],
@@ -295,18 +357,21 @@ class BatchWriter:
             url=hit.url if hit.kind == "click" else None,
         )
         if kind == "open" and verdict.verdict == "human":
-            notice["open_number"] = tracking.human_open_count(db, hit.delivery_id)
+            notice["open_number"] = batch.opened(hit.delivery_id)
         notices = [notice]
         if len(ids) > 1:
             notices.append(
                 dict(base, type="event", id=ids[1], kind="open", inferred=True, at=at)
                 | {"verdict": "human", "reason": f"inferred_from_{kind}", "url": None}
-                | {"open_number": tracking.human_open_count(db, hit.delivery_id)}
+                | {"open_number": batch.opened(hit.delivery_id)}
             )
         if verdict.relabel:
-            for changed in store_events.relabel(
+            batch.flush()  # the re-labelling reads and recomputes from the stored events
+            changed_rows = store_events.relabel(
                 db, list(verdict.relabel), "machine", verdict.reason
-            ):
+            )
+            batch.relabelled(changed_rows)
+            for changed in changed_rows:
                 notices.append(
                     dict(
                         base,
@@ -322,22 +387,107 @@ class BatchWriter:
                 )
         return notices
 
-    def _queue_webhooks(self, db, notice: dict) -> None:
-        """Queue the notice for the sending user's webhooks and the global ones."""
+    def _queue_webhooks(self, db, notice: dict, batch: _Batch) -> int:
+        """Queue the notice for the sending user's webhooks and the global ones; how many."""
         if not notice.get("user_id"):
-            return
+            return 0
         wanted_everything = notice["type"] == "relabel" and notice["previous_verdict"] == "human"
         targets = [
             (None, url, self.settings.webhooks.all_hits) for url in self.settings.webhooks.urls
         ]
-        targets += [
-            (w["id"], w["url"], bool(w["all_hits"]))
-            for w in store_webhooks.webhooks_for_user(db, notice["user_id"])
-        ]
+        targets += batch.webhooks(notice["user_id"])
+        targets = [t for t in targets if notice["verdict"] == "human" or t[2] or wanted_everything]
+        if not targets:
+            return 0
         payload = json.dumps(public_notice(notice), ensure_ascii=False, sort_keys=True)
-        for webhook_id, url, all_hits in targets:
-            if notice["verdict"] == "human" or all_hits or wanted_everything:
-                store_webhooks.enqueue(db, url=url, webhook_id=webhook_id, payload=payload)
+        for webhook_id, url, _all_hits in targets:
+            store_webhooks.enqueue(db, url=url, webhook_id=webhook_id, payload=payload)
+        return len(targets)
+
+
+class _Batch:
+    """One batch: what its hits need from the database, read in a few queries at its start,
+    and the events it records, written in one statement (:meth:`flush`). Inside the
+    batch's transaction nothing else writes, so the counts and recent hits read at the
+    start stay exact as long as the batch applies its own events to them."""
+
+    def __init__(self, db, hits: list[PendingHit], lookback: float) -> None:
+        self.db = db
+        ids = {h.delivery_id for h in hits}
+        self.contexts = tracking.copy_contexts(db, ids)
+        known = [d for d in ids if d in self.contexts]
+        since = _iso(min((h.at for h in hits), default=time.time()) - lookback)
+        self.recent = tracking.recent_hits_of(db, known, since)
+        self.open_counts = tracking.human_open_counts(db, known)
+        clicked = {
+            self.contexts[h.delivery_id]["email_id"]
+            for h in hits
+            if h.kind == "click" and h.delivery_id in self.contexts
+        }
+        self.links = tracking.link_ids(db, clicked) if clicked else {}
+        self._webhooks: dict[int, list[tuple[int | None, str, bool]]] = {}
+        self._by_id = {}
+        for rows in self.recent.values():
+            for p in rows:
+                p["t"] = _epoch(p["at"]) or 0.0
+                self._by_id[p["id"]] = p
+        self._next_id = store_events.next_event_id(db)
+        self._events: list[dict] = []
+        self._touched: dict[int, tuple[str, str | None]] = {}
+
+    def add_event(self, event: dict) -> int:
+        """Number an event and keep it for :meth:`flush`; a human, named one also moves its
+        contact's ``last_*_at`` (as :func:`store.events.touch_contact` does)."""
+        event_id = event["id"] = self._next_id
+        self._next_id += 1
+        self._events.append(event)
+        if event["kind"] == "open" and event["verdict"] == "human":
+            d = event.get("delivery_id")
+            self.open_counts[d] = self.open_counts.get(d, 0) + 1
+        contact = event.get("contact_id")
+        if event["verdict"] == "human" and not event.get("anonymous") and contact:
+            at, click = self._touched.get(contact, ("", None))
+            if event["kind"] == "click" and (click is None or event["at"] > click):
+                click = event["at"]
+            self._touched[contact] = (max(at, event["at"]), click)
+        return event_id
+
+    def flush(self) -> None:
+        """Write the events kept so far and their contacts' properties."""
+        store_events.insert_numbered(self.db, self._events)
+        store_events.touch_contacts(self.db, self._touched)
+        self._events, self._touched = [], {}
+
+    def add_prior(self, delivery_id: int, prior: dict) -> None:
+        """A hit just recorded becomes a prior of the hits after it."""
+        rows = self.recent.setdefault(delivery_id, [])
+        rows.append(prior)
+        if len(rows) > 1 and (rows[-2]["at"], rows[-2]["id"]) > (prior["at"], prior["id"]):
+            rows.sort(key=lambda p: (p["at"], p["id"]))
+        self._by_id[prior["id"]] = prior
+
+    def opened(self, delivery_id: int) -> int:
+        """The copy's human opens so far, inferred ones included."""
+        return self.open_counts.get(delivery_id, 0)
+
+    def relabelled(self, changed: list[dict]) -> None:
+        """Earlier events turned machine: priors and open counts follow."""
+        for c in changed:
+            prior = self._by_id.get(c["id"])
+            if prior is not None:
+                prior["verdict"], prior["reason"] = c["verdict"], c["reason"]
+            if c["kind"] == "open" and c["delivery_id"] is not None:
+                was, now = c["previous_verdict"] == "human", c["verdict"] == "human"
+                d = c["delivery_id"]
+                self.open_counts[d] = self.open_counts.get(d, 0) + (now - was)
+
+    def webhooks(self, user_id: int) -> list[tuple[int | None, str, bool]]:
+        if user_id not in self._webhooks:
+            self._webhooks[user_id] = [
+                (w["id"], w["url"], bool(w["all_hits"]))
+                for w in store_webhooks.webhooks_for_user(self.db, user_id)
+            ]
+        return self._webhooks[user_id]
 
 
 class _Unlink:

@@ -1,0 +1,98 @@
+"""The batch writer's fast path (one-statement inserts, summaries folded per batch, contact
+properties per batch) leaves the database exactly as the per-event path would: the report
+matches one recomputed from the raw events, contact properties match a recomputation,
+and every hit is one event."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from store import contacts as store_contacts
+from store import events as store_events
+from store import report_schema, tracking
+from store import users as store_users
+from tests.reports.test_summary_upkeep import check
+from tracker import service
+from tracker.writer import BatchWriter, PendingHit
+
+AGENTS = [
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/120.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)",
+    "curl/8.5.0",
+    "Mozilla/5.0",
+]
+DELIVERED = "2026-01-01T00:00:00.000000+00:00"
+
+
+def test_random_batches_keep_reports_and_contacts_exact(settings, db):
+    rng = random.Random(99)
+    user = store_users.add_user(db, "alice@seller.example", "Alice", None)
+    people = [f"p{i}@acme.test" for i in range(5)]
+    contacts = {a: store_contacts.ensure_contact(db, a)[0]["id"] for a in people}
+    email_ids, copies = [], []
+    for n in range(6):
+        shared = n == 5
+        pairs = [(a, contacts[a]) for a in rng.sample(people, 3)]
+        made = tracking.add_sent_email(
+            db,
+            user_id=user["id"],
+            subject=f"S{n}",
+            recipients=pairs,
+            links=[f"https://example.com/{n}/{i}" for i in range(3)],
+            shared=shared,
+            delivered_at=DELIVERED,
+            message_id=f"<m{n + 1}@seller.test>",
+        )
+        assert made["email_id"] == n + 1
+        email_ids.append(made["email_id"])
+        copies += [(made["email_id"], d) for d in made["deliveries"]]
+    assert report_schema.batching_available(db)
+
+    writer = BatchWriter(settings, service.build_rules(settings))
+    writer.start()
+    sent = 0
+    now = time.time()
+    for round_ in range(12):  # batches of different sizes, hits close enough for bursts
+        futures = []
+        for _ in range(rng.randint(1, 40)):
+            _, d = rng.choice(copies)
+            kind = rng.choice(["open", "open", "click", "click", "honeypot"])
+            hit = PendingHit(
+                kind=kind,
+                delivery_id=d,
+                position=rng.randrange(3) if kind == "click" else None,
+                url="https://example.com/",
+                method=rng.choice(["GET", "GET", "GET", "HEAD"]),
+                user_agent=rng.choice(AGENTS),
+                ip=f"203.0.113.{rng.randint(1, 4)}",
+                at=now + round_ * 0.7 + rng.random(),
+            )
+            futures.append(writer.submit(hit))
+            sent += 1
+        for f in futures:
+            f.result(timeout=30)
+    writer.enqueue(  # an erased copy: recorded, anonymous and unattached
+        PendingHit("open", 10_000, None, "", "GET", AGENTS[0], "203.0.113.9", now)
+    )
+    sent += 1
+    writer.close()
+
+    assert store_events.count_hits(db) == sent
+    check(db, email_ids)
+    verdicts = {e["verdict"] for i in email_ids for e in store_events.events_of_email(db, i)}
+    assert {"human", "machine"} <= verdicts
+    assert any(
+        e["reason"] in ("link_burst", "address_burst")
+        for i in email_ids
+        for e in store_events.events_of_email(db, i)
+    )
+    before = {a: store_contacts.find_contact(db, a) for a in people}
+    for cid in contacts.values():
+        store_events.recompute_contact(db, cid)
+    for a in people:
+        after = store_contacts.find_contact(db, a)
+        for col in ("last_open_at", "last_click_at", "last_engagement_at"):
+            assert before[a][col] == after[col], (a, col)
+    assert db.execute("SELECT COUNT(*) FROM report_batch").fetchone()[0] == 0

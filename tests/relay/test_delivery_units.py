@@ -1,0 +1,52 @@
+"""Pieces of the delivery worker on their own: line breaking for strict upstreams, and
+which queue entries may go now (first in line per recipient)."""
+
+from __future__ import annotations
+
+from relay import delivery
+from store import now_iso
+from store import outbox as store_outbox
+
+
+def test_fit_lines_breaks_only_overlong_lines_postfix_style():
+    ok = b"Subject: hi\r\n\r\n" + b"y" * 998 + b"\r\n"
+    assert delivery.fit_lines(ok) is ok
+    data = b"X-Long: " + b"x" * 3000 + b"\r\nSubject: s\r\n\r\n" + b"z" * 2500 + b"\r\n"
+    out = delivery.fit_lines(data)
+    assert all(len(line) <= 998 for line in out.split(b"\r\n"))
+    assert out.replace(b"\r\n ", b"") == data  # only CRLF SPACE inserted
+
+
+def test_choose_takes_the_first_entry_of_each_recipient(db):
+    def add(rcpts):
+        return store_outbox.add(db, [{"mail_from": "a@x.test", "rcpts": rcpts, "spool_path": "-"}])[
+            0
+        ]
+
+    c1 = add(["carol@y.test"])
+    d1 = add(["dave@y.test"])
+    c2 = add(["Carol@y.test"])  # same mailbox, other case: waits behind c1
+    both = add(["dave@y.test", "erin@y.test"])  # waits behind d1, and holds erin back
+    e1 = add(["erin@y.test"])
+    f1 = add(["frank@y.test"])
+    now = now_iso()
+
+    def ids(**kw):
+        chosen, scan = delivery.choose(db, now, kw.pop("want", 10), kw.pop("busy", set()), **kw)
+        return [e["id"] for e in chosen], scan
+
+    assert ids(inflight=set())[0] == [c1, d1, f1]
+    assert ids(inflight=set(), want=2)[0] == [c1, d1]
+    # c1 and d1 in flight: their recipients stay held back.
+    busy = {"carol@y.test", "dave@y.test"}
+    assert ids(busy=busy, inflight={c1, d1})[0] == [f1]
+    # c1 waits for a retry later: c2 still may not overtake it.
+    store_outbox.mark_retry(db, c1, "9999-01-01T00:00:00+00:00", "451", ["carol@y.test"])
+    chosen, scan = ids(inflight=set())
+    assert chosen == [d1, f1] and scan.complete
+    # A walk resumed for entries queued since reads only those.
+    g1 = add(["gina@y.test"])
+    c3 = add(["carol@y.test"])
+    chosen, _ = delivery.choose(db, now_iso(), 10, set(), {d1, f1}, resume=scan)
+    assert [e["id"] for e in chosen] == [g1]
+    assert c2 and both and e1 and c3

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relay import links as rules
-from relay.htmlscan import RAW_TEXT, Comment, Tag, scan
+from relay.htmlscan import RAW_TEXT, Comment, Tag, scan, scan_links
 
 LINK_TAGS = ("a", "area")
 _VISIBLE_TAGS = ("img", "svg", "video", "input", "button", "iframe", "object", "embed", "hr")
@@ -115,10 +115,16 @@ def plan_html(
     """Decide every edit for ``text``. ``meaning`` turns a slice of ``text`` into real text
     (the scanner may work on a byte-per-character view of the original)."""
     plan = HtmlPlan()
-    tokens = [t for t in scan(text)]
-    tags = [t for t in tokens if isinstance(t, Tag)]
+    tags = [t for t in scan_links(text) if isinstance(t, Tag)]
+    # For each <a>, the next (non-Outlook) a tag: its inner HTML ends there.
+    next_a: list[Tag | None] = [None] * len(tags)
+    following = None
+    for idx in range(len(tags) - 1, -1, -1):
+        next_a[idx] = following
+        if not tags[idx].mso and tags[idx].name == "a":
+            following = tags[idx]
     position = first_position
-    plain_links: list[LinkInfo] = []
+    plain_by_url: dict[str, list[LinkInfo]] = {}
     mso_tags: list[tuple[Tag, LinkInfo]] = []
     depth = 0
     body_close = html_close = None
@@ -148,13 +154,9 @@ def plan_html(
         if href is None:
             continue
         inner = ""
-        if tag.name == "a":
-            for nxt in tags[idx + 1 :]:
-                if nxt.mso:
-                    continue
-                if nxt.name == "a":
-                    inner = text[tag.end : nxt.start] if nxt.is_end else ""
-                    break
+        nxt = next_a[idx] if tag.name == "a" else None
+        if nxt is not None and nxt.is_end:
+            inner = text[tag.end : nxt.start]
         url = rules.clean_url(meaning(href.value(text)))
         label = rules.visible_text(meaning(inner))
         if href.value_start < 0:
@@ -170,10 +172,11 @@ def plan_html(
             info.position = position
             position += 1
             plan.edits.append(Edit(href.value_start, href.value_end, "click", info.position, url))
-        plain_links.append(info)
+        if tag.name == "a":
+            plain_by_url.setdefault(url, []).append(info)
         plan.links.append(info)
     for tag, info in mso_tags:
-        twins = [p for p in plain_links if p.url == info.url and p.tag == "a"]
+        twins = plain_by_url.get(info.url, [])
         after = [p for p in twins if p.start > tag.start]
         twin = after[0] if after else (twins[-1] if twins else None)
         if twin is None:

@@ -1,4 +1,4 @@
-"""A small HTML tokenizer that reports byte positions, for splicing into the original.
+"""A small HTML tokenizer that reports positions, for splicing into the original bytes.
 
 Why not a DOM: re-serialising through BeautifulSoup/lxml/selectolax changes bytes all over
 a template (attribute order, entities, doctype, tbody) and html.parser mis-decodes
@@ -6,6 +6,15 @@ a template (attribute order, entities, doctype, tbody) and html.parser mis-decod
 value starts and ends; comments and raw-text elements (script, style, ...) are skipped.
 Outlook conditional comments (``<!--[if mso]>...<![endif]-->``) are scanned inside, and
 the tags found there are flagged ``mso`` (they exist for Outlook only: VML buttons).
+
+Two scanners share one grammar (HTML whitespace, ASCII tag names, a tag left open at the end
+of the text swallows the rest, as in a browser, so scanning is linear):
+
+* ``scan`` yields every tag and comment; it walks the text in Python and is the reference;
+* ``scan_links`` returns only the tokens the link and pixel rules look at, and skips
+  everything else (text, other tags with their quoted values, comments, raw text) inside one
+  compiled regex, so the Python loop runs once per link, not once per tag.
+  ``tests/relay/test_rewrite_scan.py`` checks that both agree on random markup.
 """
 
 from __future__ import annotations
@@ -13,16 +22,18 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from string import ascii_letters
 
 RAW_TEXT = ("script", "style", "title", "textarea", "xmp", "iframe", "noembed", "noframes")
-_WS = " \t\n\r\f"
-_NAME_END = re.compile(r"[\s/>]")
-_ATTR_NAME_END = re.compile(r"[\s/>=]")
-_UNQUOTED_END = re.compile(r"[\s>]")
+_WS = " \t\n\r\f"  # HTML whitespace (not Unicode \\s: 0xA0 is a UTF-8 continuation byte)
+_NAME_END = re.compile(r"[ \t\n\r\f/>]")
+_ATTR_NAME_END = re.compile(r"[ \t\n\r\f/>=]")
+_UNQUOTED_END = re.compile(r"[ \t\n\r\f>]")
 _CONDITIONAL = re.compile(r"<!--\[if[^\]]*\]>", re.IGNORECASE)
+_OPEN = object()  # a tag still open at the end of the text
 
 
-@dataclass
+@dataclass(slots=True)
 class Attr:
     """One attribute: lower-cased name, where it starts, and where its value is."""
 
@@ -37,7 +48,7 @@ class Attr:
         return text[self.value_start : self.value_end] if self.value_start >= 0 else ""
 
 
-@dataclass
+@dataclass(slots=True)
 class Tag:
     """A start or end tag."""
 
@@ -55,32 +66,33 @@ class Tag:
         return None
 
 
-@dataclass
+@dataclass(slots=True)
 class Comment:
     start: int
     end: int
     conditional: bool = False
 
 
-def _parse_tag(text: str, i: int, n: int) -> Tag | None:
-    """Parse the tag that starts at ``text[i] == '<'``; None when it is not one."""
+def _parse_tag(text: str, i: int, n: int):
+    """Parse the tag at ``text[i] == '<'``: a Tag, None when it is not one (the '<' is text),
+    or ``_OPEN`` when the tag is still open at ``n`` (a browser drops it and the rest)."""
     is_end = text.startswith("/", i + 1)
     j = i + (2 if is_end else 1)
-    if j >= n or not text[j].isalpha():
+    if j >= n or text[j] not in ascii_letters:
         return None
-    m = _NAME_END.search(text, j)
+    m = _NAME_END.search(text, j, n)
     k = m.start() if m else n
     tag = Tag(text[j:k].lower(), i, -1, is_end)
     while True:
         while k < n and (text[k] in _WS or text[k] == "/"):
             k += 1
         if k >= n:
-            return None  # unterminated tag: nothing after it is markup
+            return _OPEN
         if text[k] == ">":
             tag.end = k + 1
             return tag
         name_start = k
-        m = _ATTR_NAME_END.search(text, k + 1)
+        m = _ATTR_NAME_END.search(text, k + 1, n)
         k = m.start() if m else n
         attr = Attr(text[name_start:k].lower(), name_start, k)
         p = k
@@ -91,16 +103,16 @@ def _parse_tag(text: str, i: int, n: int) -> Tag | None:
             while p < n and text[p] in _WS:
                 p += 1
             if p >= n:
-                return None
+                return _OPEN
             if text[p] in "\"'":
-                q = text.find(text[p], p + 1)
+                q = text.find(text[p], p + 1, n)
                 if q == -1:
-                    return None
+                    return _OPEN
                 attr.quote = text[p]
                 attr.value_start, attr.value_end, attr.end = p + 1, q, q + 1
                 k = q + 1
             else:
-                m = _UNQUOTED_END.search(text, p)
+                m = _UNQUOTED_END.search(text, p, n)
                 q = m.start() if m else n
                 attr.value_start, attr.value_end, attr.end = p, q, q
                 k = q
@@ -120,7 +132,7 @@ def scan(
         if text.startswith("<!--", i):
             close = text.find("-->", i + 4, n) if not text.startswith("<!-->", i) else i + 2
             stop = n if close == -1 else close + 3
-            cond = _CONDITIONAL.match(text, i)
+            cond = _CONDITIONAL.match(text, i, n)
             if cond and not mso:
                 inner_end = text.rfind("<![endif]", cond.end(), stop)
                 yield Comment(i, stop, True)
@@ -134,15 +146,135 @@ def scan(
             i = n if close == -1 else close + 1
             continue
         tag = _parse_tag(text, i, n)
-        if tag is None or tag.end > n:
+        if tag is _OPEN:
+            return
+        if tag is None:
             i += 1
             continue
         tag.mso = mso
         yield tag
         i = tag.end
         if not tag.is_end and tag.name in RAW_TEXT:
-            close = re.compile(r"</" + tag.name + r"[\s/>]", re.IGNORECASE).search(text, i, n)
+            close = _RAW_CLOSE[tag.name].search(text, i, n)
             i = n if close is None else close.start()
+
+
+# --- the fast scanner: only what the link and pixel rules need ---------------------------------
+
+LINK_START = ("a", "area", "blockquote")  # start tags scan_links reports
+LINK_END = ("a", "body", "html", "blockquote")  # end tags scan_links reports
+
+_W = r"[ \t\n\r\f]"
+_NAME = r"[^ \t\n\r\f/>][^ \t\n\r\f/>=]*+"
+# A quoted value left open runs to the end of the text, so no alternative can fail here.
+_VALUE = r"""(?:"[^"]*+(?:"|\Z)|'[^']*+(?:'|\Z)|[^ \t\n\r\f>]*+)"""
+_ATTRS = rf"(?:[ \t\n\r\f/]*+{_NAME}(?:{_W}*+={_W}*+{_VALUE}|(?!{_W}*+=)))*+[ \t\n\r\f/]*+"
+_TAG_REST = rf"[^ \t\n\r\f/>]*+{_ATTRS}(?:>|\Z)"  # after the first letter of the name
+_RAW = "|".join(RAW_TEXT)
+_AFTER_NAME = r"(?=[ \t\n\r\f/>])"
+# One alternative per raw-text element (no capture group: 3.11's re mis-tracks captures
+# inside a possessive repeat), each running to its own end tag.
+_RAW_ELEMENTS = "|".join(
+    rf"<(?i:{name}){_AFTER_NAME}{_ATTRS}(?:>|\Z)(?:[^<]++|<(?!/(?i:{name})[ \t\n\r\f/>]))*+"
+    for name in RAW_TEXT
+)
+_SKIP = rf"""(?:
+    [^<]++
+  | <(?!(?i:{"|".join(LINK_START)}|{_RAW}){_AFTER_NAME})[A-Za-z]{_TAG_REST}
+  | </(?!(?i:{"|".join(LINK_END)}){_AFTER_NAME})[A-Za-z]{_TAG_REST}
+  | <!--(?!(?i:\[if)[^\]]*+\]>)(?:>|(?:[^-]++|-(?!->))*+(?:-->|\Z))
+  | <(?:!(?!--)|\?)[^>]*+(?:>|\Z)
+  | {_RAW_ELEMENTS}
+  | <(?![A-Za-z]|/[A-Za-z]|!|\?)
+)*+"""
+_TOKEN = rf"""(?P<tok>
+    (?P<cond><!--)
+  | <(?P<slash>/)?(?P<name>[A-Za-z][^ \t\n\r\f/>]*+){_ATTRS}(?:(?P<gt>>)|\Z)
+)?"""
+_NEXT = re.compile(_SKIP + _TOKEN, re.VERBOSE)
+# Inside a conditional comment: every start tag is a token (VML and its <a> twin), raw text
+# is skipped by the loop, conditional comments do not nest.
+_SKIP_MSO = rf"""(?:
+    [^<]++
+  | </[A-Za-z]{_TAG_REST}
+  | <!--(?:>|(?:[^-]++|-(?!->))*+(?:-->|\Z))
+  | <(?:!(?!--)|\?)[^>]*+(?:>|\Z)
+  | <(?![A-Za-z]|/[A-Za-z]|!|\?)
+)*+"""
+_NEXT_MSO = re.compile(
+    _SKIP_MSO + rf"(?P<tok><(?P<name>[A-Za-z][^ \t\n\r\f/>]*+){_ATTRS}(?:(?P<gt>>)|\Z))?",
+    re.VERBOSE,
+)
+_RAW_CLOSE = {name: re.compile(r"</" + name + r"[ \t\n\r\f/>]", re.IGNORECASE) for name in RAW_TEXT}
+_ATTR = re.compile(
+    rf"""[ \t\n\r\f/]*+(?P<n>{_NAME})
+    (?:{_W}*+={_W}*+(?:"(?P<dq>[^"]*+)"|'(?P<sq>[^']*+)'|(?!["'])(?P<uq>[^ \t\n\r\f>]*+))
+      |(?!{_W}*+=))""",
+    re.VERBOSE,
+)
+
+
+def _attrs(text: str, start: int, end: int) -> list[Attr]:
+    out = []
+    for m in _ATTR.finditer(text, start, end):
+        attr = Attr(m.group("n").lower(), m.start("n"), m.end())
+        group = m.lastgroup
+        if group != "n":
+            attr.value_start, attr.value_end = m.span(group)
+            attr.quote = '"' if group == "dq" else "'" if group == "sq" else ""
+        out.append(attr)
+    return out
+
+
+def _scan_mso(text: str, pos: int, n: int) -> Iterator[Tag]:
+    """The start tags with an ``href`` in ``text[pos:n]``, the inside of a conditional comment."""
+    match = _NEXT_MSO.match
+    while pos < n:
+        m = match(text, pos, n)
+        if m.start("tok") < 0 or m.start("gt") < 0:
+            return
+        tag = Tag(m.group("name").lower(), m.start("tok"), m.end(), False, True)
+        if m.end("name") < m.start("gt"):
+            tag.attrs = _attrs(text, m.end("name"), m.start("gt"))
+            if tag.attr("href") is not None:
+                yield tag
+        pos = m.end()
+        if tag.name in _RAW_CLOSE:
+            close = _RAW_CLOSE[tag.name].search(text, pos, n)
+            pos = n if close is None else close.start()
+
+
+def scan_links(text: str) -> list[Tag | Comment]:
+    """The tokens of ``text`` that the link rules use, in document order: start tags ``a``,
+    ``area``, ``blockquote``; end tags ``a``, ``body``, ``html``, ``blockquote``; each
+    Outlook conditional comment followed by the start tags with an ``href`` inside it
+    (``mso``: VML buttons and their twins)."""
+    out: list[Tag | Comment] = []
+    n = len(text)
+    pos = 0
+    match = _NEXT.match
+    while pos < n:
+        m = match(text, pos)
+        if m.start("tok") < 0:
+            break  # the rest is text, boring markup, or a tag left open
+        i = m.start("tok")
+        if m.start("cond") >= 0:
+            cond = _CONDITIONAL.match(text, i)
+            close = text.find("-->", i + 4)
+            stop = n if close == -1 else close + 3
+            inner_end = text.rfind("<![endif]", cond.end(), stop)
+            out.append(Comment(i, stop, True))
+            out.extend(_scan_mso(text, cond.end(), inner_end if inner_end != -1 else stop))
+            pos = stop
+            continue
+        if m.start("gt") < 0:
+            break  # open at the end of the text: a browser drops it and everything after
+        tag = Tag(m.group("name").lower(), i, m.end(), m.start("slash") >= 0)
+        if m.end("name") < m.start("gt"):
+            tag.attrs = _attrs(text, m.end("name"), m.start("gt"))
+        out.append(tag)
+        pos = m.end()
+    return out
 
 
 # --- entities in attribute values -------------------------------------------------------------

@@ -1,0 +1,99 @@
+"""The fast link scanner (one compiled regex) agrees with the reference tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.htmlscan import LINK_END, LINK_START, Comment, scan, scan_links
+
+CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "html"
+
+
+def expected(text: str) -> list:
+    """What scan_links must report, picked out of the reference scanner's full token list."""
+    out = []
+    for t in scan(text):
+        if isinstance(t, Comment):
+            if t.conditional:
+                out.append(t)
+        elif t.mso:
+            if not t.is_end and t.attr("href") is not None:
+                out.append(t)
+        elif t.name in (LINK_END if t.is_end else LINK_START):
+            out.append(t)
+    return out
+
+
+FRAGMENTS = [
+    "<a href=x>",
+    '<a href="https://e.test/?a=1&amp;b=2">',
+    "<A HREF='y' data-mailtally=notrack>",
+    "<area href=z>",
+    "</a>",
+    "</A >",
+    "<a",
+    '<a href="',
+    "'",
+    '"',
+    "=",
+    " ",
+    "\n",
+    "\t",
+    "/",
+    ">",
+    "<",
+    "</",
+    '<p title="<a href=q>">',
+    "<div class='x>y'>",
+    "<script>",
+    "</script>",
+    "<STYLE type=text/css>",
+    "</style >",
+    "<title>",
+    "</title>",
+    "<!--",
+    "-->",
+    "<!-->",
+    "<!--[if mso]>",
+    "<!--[if !mso]><!-->",
+    "<![endif]-->",
+    "<!--<![endif]-->",
+    '<v:roundrect href="u">',
+    "<v:rect HREF=u/>",
+    "<style href=s>",
+    "</v:roundrect>",
+    "<!doctype html>",
+    "<?xml?>",
+    "<![CDATA[x]]>",
+    "<body>",
+    "</body>",
+    "</html>",
+    "<blockquote type=cite>",
+    "</blockquote>",
+    "text",
+    "é",
+    "\xa0",
+    "\x0b",
+    "&amp;",
+    "<img src=x/>",
+    "<br/>",
+    "<a/href=w>",
+    "<1>",
+    "< a>",
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=4), max_size=40))
+def test_scan_links_agrees_with_the_reference_scanner(parts):
+    text = "".join(parts)
+    assert scan_links(text) == expected(text)
+
+
+def test_scan_links_agrees_on_every_corpus_template():
+    for path in sorted(CORPUS.rglob("*.html")):
+        text = path.read_bytes().decode("latin-1")
+        assert scan_links(text) == expected(text), path

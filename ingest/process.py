@@ -478,13 +478,29 @@ def decide(
 # --- filing ---------------------------------------------------------------------------------
 
 
-def _store_attachment_file(settings: config.Settings, src: Path, sha: str) -> None:
-    """Content-addressed: ``attachments/<sha[:2]>/<sha>``, never the sender's file name."""
+class OwnTransaction(Exception):
+    """This message queues a notice (its own durable commit): file it outside a batch."""
+
+
+def _store_attachment_file(
+    settings: config.Settings, src: Path, sha: str, sync: list[Path] | None = None
+) -> None:
+    """Content-addressed: ``attachments/<sha[:2]>/<sha>``, never the sender's file name.
+
+    The file is fsync'd before the email that names it is committed: here, or, when the
+    caller passes ``sync``, by the caller for a whole batch just before its one commit.
+    """
     final = attachments_dir(settings) / sha[:2] / sha
     if final.exists():
         src.unlink(missing_ok=True)
+        if sync is not None:
+            sync.append(final)  # maybe placed by a batch that rolled back before its fsync
         return
     final.parent.mkdir(parents=True, exist_ok=True)
+    if sync is not None:
+        os.replace(src, final)
+        sync.append(final)
+        return
     with src.open("rb") as fh:
         os.fsync(fh.fileno())
     try:
@@ -546,15 +562,23 @@ def commit(
     inbound: Inbound,
     mail: ParsedMail,
     plan: dict,
+    sync: list[Path] | None = None,
 ) -> dict:
-    """File the decision: email, contacts, deals, attachments, reply event, inbound log."""
+    """File the decision: email, contacts, deals, attachments, reply event, inbound log.
+
+    Inside an open transaction (the worker's batch) this joins it; ``sync`` collects the
+    attachment files the caller must fsync before that transaction commits.
+    """
     if plan.get("notice"):
+        if db.conn.in_transaction:
+            # The outbox makes its own durable commit: not inside the worker's batch.
+            raise OwnTransaction(inbound.spool_id or "")
         # Before the commit: a crash in between re-sends the notice, never loses it.
         send_notice(settings, db, inbound, plan)
     if plan["decision"] == "logged":
         for att in mail.attachments:
             if att.path is not None and att.dropped is None:
-                _store_attachment_file(settings, att.path, att.sha256)
+                _store_attachment_file(settings, att.path, att.sha256, sync)
                 att.path = None
     email_id = None
     with transaction(db):
@@ -686,15 +710,19 @@ def process(
     inbound: Inbound,
     *,
     dnsfunc: Callable | None = None,
+    sync: list[Path] | None = None,
 ) -> dict:
-    """Parse, decide and file one received message; never raises for bad input."""
+    """Parse, decide and file one received message; never raises for bad input.
+
+    ``sync``: see :func:`commit` (the worker files a batch of messages in one commit).
+    """
     tmp_dir = attachments_dir(settings) / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     mail = None
     try:
         mail = parse_inbound(settings, inbound, tmp_dir)
         plan = decide(settings, db, inbound, mail, tmp_dir=tmp_dir, dnsfunc=dnsfunc)
-        return commit(settings, db, inbound, mail, plan)
+        return commit(settings, db, inbound, mail, plan, sync)
     finally:
         if mail is not None:
             mail.cleanup()

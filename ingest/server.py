@@ -20,6 +20,7 @@ from store import addresses
 
 log = logging.getLogger("mailtally.ingest")
 GONE = "connection gone"
+READ_CHUNK = 64 * 1024
 
 
 class Handler:
@@ -100,43 +101,68 @@ class IngestSMTP(SMTP):
                 receiving.abort()
 
     async def _receive_data(self, receiving: spool.Receiving) -> str | None:
-        """Read DATA up to the lone dot into ``receiving``; an error reply, or None if whole."""
+        """Read DATA up to the lone dot into ``receiving``; an error reply, or None if whole.
+
+        Reads chunks, not lines: the end is found with one ``find`` for CRLF.CRLF and
+        dot-stuffing is undone with one ``replace`` per chunk, which costs a fraction of
+        aiosmtpd's ``readuntil`` per line (the largest CPU item of the ingest under load).
+        ``buf`` always starts at a line start, behind the CRLF that ended the previous
+        line (a virtual one at the beginning), so a terminator or a stuffed dot that
+        straddles two chunks is still seen.
+        """
         limit = self.data_size_limit
-        num_bytes = 0
+        line_limit = self.line_length_limit
+        reader = self._reader
+        buf = bytearray(b"\r\n")
+        received = 0  # message bytes (what SIZE limits), the final dot line excluded
         too_long = too_much = False
-        fragments: list[bytes] = []
-        while self.transport is not None:
+        while True:
             try:
-                line = await self._reader.readuntil(b"\r\n")
+                chunk = await reader.read(READ_CHUNK)
             except asyncio.CancelledError:
                 log.info("connection lost during DATA")
                 self._writer.close()
                 raise
-            except asyncio.LimitOverrunError as exc:
-                # Longer than the stream limit: drain it, refuse the message at the end.
-                too_long = too_long or not too_much
-                line = await self._reader.read(exc.consumed)
-            if not fragments and line == b".\r\n":
-                break
-            num_bytes += len(line)
-            if limit and num_bytes > limit and not too_long:
+            if not chunk:
+                return GONE  # the client went away before the final dot
+            search_from = max(len(buf) - 4, 0)
+            buf += chunk
+            received += len(chunk)
+            end = buf.find(b"\r\n.\r\n", search_from)
+            if end >= 0:
+                received -= len(buf) - (end + 2)  # the dot line and anything after it
+            if limit and received > limit and not too_long:
                 too_much = True
-            fragments.append(line)
-            if line.endswith(b"\r\n"):
-                if not (too_long or too_much):
-                    whole = line if len(fragments) == 1 else b"".join(fragments)
-                    if len(whole) > self.line_length_limit:
-                        too_long = True
-                    else:
-                        receiving.write(whole[1:] if whole.startswith(b".") else whole)
-                fragments.clear()
-        else:
-            return GONE  # the transport closed before the final dot: nothing to answer
+            if not (too_long or too_much):
+                # Only the first line in buf can be long: the others lie inside one chunk.
+                first_break = buf.find(b"\r\n", 2)
+                if (first_break if first_break >= 0 else len(buf)) - 2 > line_limit:
+                    too_long = True
+            if too_long or too_much:
+                # Refused at the end (as aiosmtpd does); keep only what may start the end.
+                if end >= 0:
+                    self._push_back(buf[end + 5 :])
+                    break
+                del buf[:-4]
+                continue
+            cut = end + 2 if end >= 0 else buf.rfind(b"\r\n") + 2
+            if cut > 2:
+                receiving.write(buf[:cut].replace(b"\r\n.", b"\r\n")[2:])
+            if end >= 0:
+                self._push_back(buf[end + 5 :])
+                break
+            del buf[: cut - 2]
         if too_long:
             return "500 Line too long (see RFC5321 4.5.3.1.6)"
         if too_much:
             return "552 Error: Too much mail data"
         return None
+
+    def _push_back(self, rest: bytearray) -> None:
+        """Bytes read past the final dot (a client pipelining its next command) go back
+        to the front of the stream so the command loop sees them."""
+        if rest:
+            self._reader._buffer[0:0] = rest
 
 
 def smtp_factory(settings: config.Settings, handler: Handler):

@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import threading
+import time
 
 import config
 import store
 from ingest import process, spool
 from store import inbound as store_inbound
+from store import outbox as store_outbox
 
 log = logging.getLogger("mailtally.ingest")
+
+# At most this many entries, or this long, per transaction: one commit (and one fsync of
+# the WAL) per batch, while other writers never wait long for the lock.
+BATCH = 32
+BATCH_SECONDS = 0.25
 
 
 class Worker:
@@ -67,32 +75,88 @@ class Worker:
 
     def _connection(self):
         if self._db is None:
-            self._db = store.connect(self.settings.db_path)
+            # Durable commits: a spool entry is deleted right after its batch commits, so
+            # the commit must be on disk first (one WAL fsync per batch, not per message).
+            self._db = store_outbox.durable(store.connect(self.settings.db_path))
         return self._db
 
     def drain(self) -> int:
         """Process every pending entry (oldest first); return how many were filed."""
         done = 0
-        for path in spool.pending(self.root):
-            if self._stopping.is_set():
-                break
-            if self.process_path(path):
-                done += 1
+        paths = spool.pending(self.root)
+        while paths and not self._stopping.is_set():
+            taken, filed = self.process_batch(paths[:BATCH])
+            done += filed
+            if taken == 0:
+                break  # the database is busy: the next round retries
+            paths = paths[taken:]
         return done
 
     def process_path(self, path) -> bool:
-        try:
-            entry = spool.read(path)
-        except FileNotFoundError:
-            return False
-        except (OSError, ValueError) as exc:
-            log.error("unreadable spool entry %s: %s", path, exc)
-            path.rename(path.with_suffix(".bad"))
-            return False
+        """Process one entry on its own (its own commit)."""
+        return self.process_batch([path])[1] == 1
+
+    def process_batch(self, paths: list) -> tuple[int, int]:
+        """File up to ``len(paths)`` entries in ONE transaction; return (taken, filed).
+
+        Each entry runs in its own savepoint, so bad input rolls back only itself (and is
+        recorded as an error). The attachment files of the batch are fsync'd together just
+        before the commit, and the spool entries are removed only after it: one durable
+        commit per batch instead of one per message, the same crash guarantees (an entry
+        is either still spooled or filed, and a filed one is recognised by its spool id).
+        """
         db = self._connection()
-        if store_inbound.processed_entry(db, entry.id):
-            spool.remove(entry)  # filed before a crash; only the clean-up was missing
-            return False
+        try:
+            db.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            log.warning("ingest: database busy, will retry: %s", exc)
+            return 0, 0
+        finished: list[spool.Entry] = []
+        sync: list = []
+        taken = filed = 0
+        alone = None
+        started = time.monotonic()
+        try:
+            for path in paths:
+                if taken and (
+                    self._stopping.is_set() or time.monotonic() - started > BATCH_SECONDS
+                ):
+                    break
+                try:
+                    outcome = self._process_in_batch(db, path, sync)
+                except process.OwnTransaction:
+                    alone = path
+                    break
+                taken += 1
+                if outcome is not None:
+                    finished.append(outcome[0])
+                    filed += outcome[1]
+            for p in sync:
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
+            db.conn.execute("COMMIT")
+        except BaseException as exc:
+            if db.conn.in_transaction:
+                db.conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError | OSError):
+                # Locked/busy database or a disk error: every entry stays for the next round.
+                log.warning("ingest: batch rolled back, will retry: %s", exc)
+                return 0, 0
+            raise
+        for entry in finished:
+            spool.remove(entry)
+        self.processed += filed
+        if alone is not None:
+            if not self._process_alone(db, alone):
+                return taken, filed  # busy: retried next round
+            taken += 1
+            filed += 1
+        return taken, filed
+
+    def _process_alone(self, db, path) -> bool:
+        """One entry with its own commits (a message that queues a notice); False if the
+        database was busy and the entry stays for the next round."""
+        entry = spool.read(path)
         inbound = process.Inbound(
             mail_from=entry.mail_from,
             rcpts=entry.rcpts,
@@ -105,16 +169,9 @@ class Worker:
         try:
             process.process(self.settings, db, inbound)
         except sqlite3.OperationalError as exc:
-            # Locked or busy database: leave the entry, try again at the next round.
             log.warning("ingest: will retry %s: %s", entry.id, exc)
             return False
         except Exception as exc:  # bad input must be explained, never crash or loop
-            if isinstance(exc, sqlite3.IntegrityError) and store_inbound.processed_entry(
-                db, entry.id
-            ):
-                # Another ingest process filed this very entry first (unique spool id).
-                spool.remove(entry)
-                return False
             log.exception("ingest: cannot process %s", entry.id)
             try:
                 process.failed(self.settings, db, inbound, f"{type(exc).__name__}: {exc}")
@@ -123,6 +180,49 @@ class Worker:
         spool.remove(entry)
         self.processed += 1
         return True
+
+    def _process_in_batch(self, db, path, sync: list) -> tuple[spool.Entry, int] | None:
+        """One entry inside the batch transaction: (entry to remove, 1 if filed now)."""
+        try:
+            entry = spool.read(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.error("unreadable spool entry %s: %s", path, exc)
+            path.rename(path.with_suffix(".bad"))
+            return None
+        if store_inbound.processed_entry(db, entry.id):
+            return entry, 0  # filed before a crash; only the clean-up was missing
+        inbound = process.Inbound(
+            mail_from=entry.mail_from,
+            rcpts=entry.rcpts,
+            path=entry.path,
+            offset=entry.body_offset,
+            meta=entry.meta,
+            received_at=entry.received_at,
+            spool_id=entry.id,
+        )
+        db.conn.execute("SAVEPOINT entry")
+        try:
+            process.process(self.settings, db, inbound, sync=sync)
+        except process.OwnTransaction:
+            db.conn.execute("ROLLBACK TO entry")
+            db.conn.execute("RELEASE entry")
+            raise
+        except (sqlite3.OperationalError, OSError):
+            raise  # locked database, full disk: retry the whole batch later
+        except Exception as exc:  # bad input must be explained, never crash or loop
+            db.conn.execute("ROLLBACK TO entry")
+            log.exception("ingest: cannot process %s", entry.id)
+            try:
+                process.failed(self.settings, db, inbound, f"{type(exc).__name__}: {exc}")
+            except sqlite3.Error:
+                db.conn.execute("ROLLBACK TO entry")
+                db.conn.execute("RELEASE entry")
+                log.exception("ingest: cannot record the failure of %s; kept", entry.id)
+                return None
+        db.conn.execute("RELEASE entry")
+        return entry, 1
 
     async def stop(self) -> None:
         self._stopping.set()

@@ -56,7 +56,9 @@ class GroupCommitter:
                 ids = await loop.run_in_executor(
                     self.executor, self._write, [c for copies, _ in batch for c in copies]
                 )
-            except Exception as exc:
+            except BaseException as exc:  # every waiting session must hear, whatever happened
+                if not isinstance(exc, Exception):
+                    exc = RuntimeError(f"group commit interrupted: {exc!r}")
                 log.warning("relay: could not queue %d message(s): %s", len(batch), exc)
                 for _, fut in batch:
                     if not fut.done():

@@ -214,14 +214,21 @@ _ATTR = re.compile(
 )
 
 
+LINK_ATTRS = ("href", "data-mailtally")  # the attributes scan_links reports
+
+
 def _attrs(text: str, start: int, end: int) -> list[Attr]:
+    """The ``LINK_ATTRS`` among the attributes in ``text[start:end]`` (others are skipped)."""
     out = []
     for m in _ATTR.finditer(text, start, end):
-        attr = Attr(m.group("n").lower(), m.start("n"), m.end())
-        group = m.lastgroup
-        if group != "n":
+        name = m.group(1).lower()
+        if name not in LINK_ATTRS:
+            continue
+        attr = Attr(name, m.start(1), m.end())
+        group = m.lastindex
+        if group != 1:
             attr.value_start, attr.value_end = m.span(group)
-            attr.quote = '"' if group == "dq" else "'" if group == "sq" else ""
+            attr.quote = '"' if group == 2 else "'" if group == 3 else ""
         out.append(attr)
     return out
 
@@ -248,7 +255,7 @@ def scan_links(text: str) -> list[Tag | Comment]:
     """The tokens of ``text`` that the link rules use, in document order: start tags ``a``,
     ``area``, ``blockquote``; end tags ``a``, ``body``, ``html``, ``blockquote``; each
     Outlook conditional comment followed by the start tags with an ``href`` inside it
-    (``mso``: VML buttons and their twins)."""
+    (``mso``: VML buttons and their twins). Only ``LINK_ATTRS`` are parsed into ``attrs``."""
     out: list[Tag | Comment] = []
     n = len(text)
     pos = 0

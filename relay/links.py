@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from relay.htmlscan import unescape_attr
 from store.addresses import domain_covers
 
 TRACKED = "tracked"
@@ -45,6 +46,8 @@ _UNSUBSCRIBE_WORDS = (
     "退订",
 )
 _STRIP_URL = str.maketrans("", "", "\t\n\r")
+_UNSUBSCRIBE = re.compile("|".join(re.escape(w) for w in _UNSUBSCRIBE_WORDS))
+_BAD_URL_CHAR = re.compile(r"[\s\x00-\x1f]")  # str.isspace() or a control character
 
 
 @dataclass
@@ -58,16 +61,22 @@ class LinkContext:
 
 def clean_url(raw_value: str) -> str:
     """The URL a browser navigates to: entities decoded, outer spaces and tabs/newlines gone."""
-    from relay.htmlscan import unescape_attr
+    if "&" in raw_value:
+        raw_value = unescape_attr(raw_value)
+    return raw_value.strip(" \t\n\r\f").translate(_STRIP_URL)
 
-    return unescape_attr(raw_value).strip(" \t\n\r\f").translate(_STRIP_URL)
+
+_COMMENT = re.compile(r"<!--.*?(?:-->|$)", re.DOTALL)
+_TAG = re.compile(r"<[^>]*>")
 
 
 def visible_text(fragment: str) -> str:
     """The text a reader sees in an ``<a>`` element's inner HTML (tags and comments dropped)."""
-    no_comments = re.sub(r"<!--.*?(?:-->|$)", "", fragment, flags=re.DOTALL)
-    no_tags = re.sub(r"<[^>]*>", "", no_comments)
-    return " ".join(html.unescape(no_tags).split())
+    if "<" in fragment:
+        fragment = _TAG.sub("", _COMMENT.sub("", fragment))
+    if "&" in fragment:
+        fragment = html.unescape(fragment)
+    return " ".join(fragment.split())
 
 
 def text_is_url(text: str) -> bool:
@@ -78,8 +87,7 @@ def text_is_url(text: str) -> bool:
 def is_unsubscribe(url: str, text: str, ctx: LinkContext) -> bool:
     if url in ctx.unsubscribe_urls:
         return True
-    hay = (url + " " + text).lower()
-    return any(w in hay for w in _UNSUBSCRIBE_WORDS)
+    return _UNSUBSCRIBE.search((url + " " + text).lower()) is not None
 
 
 def classify(url: str, text: str, ctx: LinkContext, notrack: bool = False) -> tuple[bool, str]:
@@ -101,7 +109,7 @@ def classify(url: str, text: str, ctx: LinkContext, notrack: bool = False) -> tu
         return False, scheme
     if scheme not in ("http", "https"):
         return False, "other-scheme"
-    if any(c.isspace() or ord(c) < 32 for c in url):
+    if _BAD_URL_CHAR.search(url):
         return False, "invalid-url"
     try:
         host = urlsplit(url).hostname

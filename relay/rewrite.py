@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import bisect
 import codecs
 import re
+import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from relay import htmlrewrite, mime
+from relay import htmlrewrite, mime, qp
 from relay.htmlrewrite import HtmlPlan, LinkInfo
 from relay.links import LinkContext, list_unsubscribe_urls
 
@@ -35,6 +35,9 @@ CONTROL_HEADERS = ("x-mailtally-track", "x-mailtally-log")
 # Removed from every copy as well: a Bcc header would show hidden recipients to the others.
 REMOVED_HEADERS = (*CONTROL_HEADERS, "bcc")
 _STATEFUL = ("iso2022", "iso-2022", "utf_16", "utf-16", "utf_32", "utf-32", "utf_7", "utf-7", "hz")
+_NOT_B64 = bytes(
+    c for c in range(256) if chr(c) not in string.ascii_letters + string.digits + "+/="
+)
 _FOLD_AT = re.compile(rb"[ \t](?=[A-Za-z_:][-A-Za-z0-9_:.]*\s*=)")
 
 
@@ -117,146 +120,173 @@ def _eol(body: bytes) -> bytes:
     return b"\n" if b"\n" in body else b"\r\n"
 
 
-@dataclass
-class QPLine:
-    start: int  # encoded offsets
-    end: int  # including the line break
-    soft: bool
-    decoded: bytes
-
-
-_HEX = b"0123456789ABCDEFabcdef"
-
-
-_QP_ESCAPE = re.compile(rb"=([0-9A-Fa-f]{2})")
-
-
-def _qp_decode_segment(content: bytes) -> bytes:
-    """Decode =XX escapes only (a bare '=' stays); a regex, not a byte loop: this runs per line."""
-    if b"=" not in content:
-        return content
-    return _QP_ESCAPE.sub(lambda m: bytes((int(m.group(1), 16),)), content)
-
-
-def qp_lines(body: bytes) -> list[QPLine]:
-    lines = []
-    pos = 0
-    for raw in body.splitlines(keepends=True):
-        content = raw.rstrip(b"\r\n")
-        eol = raw[len(content) :]
-        stripped = content.rstrip(b" \t")
-        if stripped.endswith(b"="):
-            decoded = _qp_decode_segment(stripped[:-1])
-            lines.append(QPLine(pos, pos + len(raw), True, decoded))
-        else:
-            lines.append(QPLine(pos, pos + len(raw), False, _qp_decode_segment(content) + eol))
-        pos += len(raw)
-    return lines
-
-
-def _qp_encode_line(data: bytes, eol: bytes, maxlen: int = 76) -> bytes:
-    """One hard line (no line break in ``data``), soft-wrapped at ``maxlen``."""
-    toks = []
-    last = len(data) - 1
-    for i, c in enumerate(data):
-        if (33 <= c <= 126 and c != 61) or (c in (9, 32) and i != last):
-            toks.append(bytes([c]))
-        else:
-            toks.append(b"=%02X" % c)
-    out, line = [], b""
-    for t in toks:
-        if len(line) + len(t) > maxlen - 1:
-            out.append(line + b"=" + eol)
-            line = b""
-        line += t
-    out.append(line)
-    return b"".join(out)
-
-
-def _qp_encode(seg: bytes, eol: bytes, soft_end: bool) -> bytes:
-    out = []
-    pieces = seg.split(b"\n")
-    for i, piece in enumerate(pieces):
-        last = i == len(pieces) - 1
-        if not last:
-            out.append(_qp_encode_line(piece.rstrip(b"\r"), eol) + eol)
-        elif piece:
-            out.append(_qp_encode_line(piece, eol) + (b"=" + eol if soft_end else b""))
-    return b"".join(out)
-
-
-def qp_apply(body: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
-    """Apply decoded-byte edits to a quoted-printable body, re-encoding only touched lines."""
-    lines = qp_lines(body)
-    if not lines:
-        lines = [QPLine(0, 0, False, b"")]
-    starts = []
-    pos = 0
-    for line in lines:
-        starts.append(pos)
-        pos += len(line.decoded)
-    total = pos
-    eol = _eol(body)
-
-    def line_of(p: int) -> int:
-        if p >= total:
-            return len(lines) - 1
-        return bisect.bisect_right(starts, p) - 1
-
-    groups: list[list] = []  # [first line, last line, edits]
-    for s, e, new in sorted(edits, key=lambda x: (x[0], x[1])):
-        a, b = line_of(s), line_of(max(e - 1, s))
-        if groups and a <= groups[-1][1]:
-            groups[-1][1] = max(groups[-1][1], b)
-            groups[-1][2].append((s, e, new))
-        else:
-            groups.append([a, b, [(s, e, new)]])
-    out = []
-    cursor = 0
-    for a, b, group in groups:
-        seg_start = starts[a]
-        seg = b"".join(line.decoded for line in lines[a : b + 1])
-        pieces, c = [], 0
-        for s, e, new in group:
-            pieces += [seg[c : s - seg_start], new]
-            c = e - seg_start
-        pieces.append(seg[c:])
-        out.append(body[cursor : lines[a].start])
-        out.append(_qp_encode(b"".join(pieces), eol, lines[b].soft))
-        cursor = lines[b].end
-    out.append(body[cursor:])
-    return b"".join(out)
-
-
 def _b64_encode(data: bytes, line_len: int, eol: bytes) -> bytes:
-    text = base64.b64encode(data)
     line_len = max(4, line_len - line_len % 4)
+    if line_len == 76:  # the usual case, all in C
+        text = base64.encodebytes(data)
+        return text.replace(b"\n", eol) if eol != b"\n" else text
+    text = base64.b64encode(data)
     return b"".join(text[i : i + line_len] + eol for i in range(0, len(text), line_len))
 
 
-def _fold(body: bytes, eol: bytes, original: bytes) -> bytes:
-    """Break lines over 998 octets at whitespace before an attribute (inside a tag).
+def _fold_line(line: bytes, eol: bytes, limit: Callable[[], int]) -> bytes:
+    """Break one line over 998 octets at whitespace before an attribute (inside a tag).
 
     A line that cannot be folded is an error only when it is longer than the longest line
-    the part already had (an over-long original line is delivered as it came).
+    the part already had (``limit()``: an over-long original line is delivered as it came).
     """
+    out = []
+    cr = eol.rstrip(b"\n")
+    start, n = 0, len(line.rstrip(b"\r"))
+    while n - start > MAX_LINE:
+        cuts = [m.start() + 1 for m in _FOLD_AT.finditer(line, start, start + MAX_LINE)]
+        if not cuts:
+            if n - start > limit():
+                raise RewriteError("a rewritten line would exceed 998 octets")
+            break
+        out.append(line[start : cuts[-1]] + cr)
+        start = cuts[-1]
+    out.append(line[start:])
+    return b"\n".join(out)
+
+
+def _fold(body: bytes, eol: bytes, original: bytes) -> bytes:
+    """Every line of ``body`` folded as ``_fold_line`` does (used for whole-part rewrites)."""
     lines = body.split(b"\n")
     if all(len(line) <= MAX_LINE + 1 for line in lines):
         return body
-    limit = max(MAX_LINE, *(len(x.rstrip(b"\r")) for x in original.split(b"\n")))
-    out = []
-    for line in lines:
-        while len(line.rstrip(b"\r")) > MAX_LINE:
-            cuts = [m.start() + 1 for m in _FOLD_AT.finditer(line, 0, MAX_LINE)]
-            if not cuts:
-                if len(line.rstrip(b"\r")) > limit:
-                    raise RewriteError("a rewritten line would exceed 998 octets")
-                break
-            cut = cuts[-1]
-            out.append(line[:cut] + eol.rstrip(b"\n"))
-            line = line[cut:]
-        out.append(line)
-    return b"\n".join(out)
+    limit = _longest(original)
+    return b"\n".join(_fold_line(line, eol, lambda: limit) for line in lines)
+
+
+def _longest(original: bytes) -> int:
+    return max(MAX_LINE, *(len(x.rstrip(b"\r")) for x in original.split(b"\n")))
+
+
+# --- per-part templates: everything that is the same in every copy, computed once -----------
+
+
+@dataclass
+class _Group:
+    """A run of whole lines that holds edits: re-made for each copy."""
+
+    before: bytes  # the untouched encoded bytes since the previous group
+    pieces: list[bytes]  # decoded bytes around the edits: len(values) + 1 pieces
+    first: int  # index of its first edit
+    soft: bool = False  # QP: its last line ends with a soft break
+
+
+@dataclass
+class _PartTemplate:
+    encoding: str
+    eol: bytes
+    groups: list[_Group]
+    tail: bytes
+    original: bytes  # the encoded body
+    line_len: int = 76  # base64
+    _limit: int | None = None
+
+    def limit(self) -> int:
+        if self._limit is None:
+            self._limit = _longest(self.original)
+        return self._limit
+
+    def render(self, values: list[bytes]) -> bytes:
+        """The encoded body with ``values[i]`` in place of the i-th edit (in text order)."""
+        if self.encoding == "base64":
+            g = self.groups[0]
+            decoded = _interleave(g.pieces, values, 0)
+            encoded = _b64_encode(decoded, self.line_len, self.eol)
+            if not self.original.endswith(b"\n"):
+                encoded = encoded.rstrip(b"\r\n")
+            return encoded
+        out = []
+        for g in self.groups:
+            out.append(g.before)
+            seg = _interleave(g.pieces, values, g.first)
+            if self.encoding == "quoted-printable":
+                out.append(qp.encode(seg, self.eol, g.soft))
+            elif len(seg) > MAX_LINE + 1 and any(
+                len(line) > MAX_LINE + 1 for line in seg.split(b"\n")
+            ):
+                out.append(
+                    b"\n".join(_fold_line(x, self.eol, self.limit) for x in seg.split(b"\n"))
+                )
+            else:
+                out.append(seg)
+        out.append(self.tail)
+        return b"".join(out)
+
+
+def _interleave(pieces: list[bytes], values: list[bytes], first: int) -> bytes:
+    out = [pieces[0]]
+    for i, piece in enumerate(pieces[1:]):
+        out.append(values[first + i])
+        out.append(piece)
+    return b"".join(out)
+
+
+def _line_groups(
+    spans: list[tuple[int, int]], locate, n: int
+) -> list[tuple[int, int, int, int, bool, int, int]]:
+    """Merge the lines of sorted decoded spans: (enc start, enc end, dec start, dec end, soft,
+    first span, last span + 1) per run of lines. ``n``: the encoded length."""
+    groups: list[list] = []
+    for i, (s, e) in enumerate(spans):
+        g = groups[-1] if groups else None
+        if g is None or s >= g[3]:
+            a = locate(s)
+            if g is not None and a[0] < g[1]:  # the same line (an insertion at the very end)
+                g[6] = i + 1
+            else:
+                g = [a[0], a[1], a[2], a[3], a[4], i, i + 1]
+                groups.append(g)
+        else:
+            g[6] = i + 1
+        last = max(e - 1, s)
+        if last >= g[3] and g[1] < n:  # the span runs on into later lines
+            b = locate(last)
+            g[1], g[3], g[4] = b[1], b[3], b[4]
+    return [tuple(g) for g in groups]
+
+
+def _template(pp: PartPlan, original: bytes) -> _PartTemplate:
+    assert pp.html is not None
+    edits = sorted(pp.html.edits, key=lambda e: (e.start, e.end))
+    spans = [(e.start, e.end) for e in edits]
+    eol = _eol(original)
+    decoded = pp.decoded
+    if pp.encoding == "base64":
+        first = original.lstrip().split(b"\n", 1)[0].rstrip(b"\r")
+        pieces = _cut(decoded, spans, 0, len(decoded))
+        return _PartTemplate(
+            "base64", eol, [_Group(b"", pieces, 0)], b"", original, len(first) or 76
+        )
+    if pp.encoding == "quoted-printable":
+        locate = qp.LineIndex(original, pp.qp_clean).locate
+    else:
+
+        def locate(p: int) -> tuple[int, int, int, int, bool]:
+            start = decoded.rfind(b"\n", 0, p) + 1
+            end = decoded.find(b"\n", p)
+            end = len(decoded) if end == -1 else end + 1
+            return start, end, start, end, False
+
+    groups, cursor = [], 0
+    for es, ee, ds, de, soft, i, j in _line_groups(spans, locate, len(original)):
+        pieces = _cut(decoded, spans[i:j], ds, de)
+        groups.append(_Group(original[cursor:es], pieces, i, soft))
+        cursor = ee
+    return _PartTemplate(pp.encoding, eol, groups, original[cursor:], original)
+
+
+def _cut(decoded: bytes, spans: list[tuple[int, int]], start: int, end: int) -> list[bytes]:
+    pieces, c = [], start
+    for s, e in spans:
+        pieces.append(decoded[c:s])
+        c = e
+    pieces.append(decoded[c:end])
+    return pieces
 
 
 # --- planning ---------------------------------------------------------------------------------
@@ -269,6 +299,7 @@ class PartPlan:
     encoding: str
     decoded: bytes
     html: HtmlPlan | None = None
+    qp_clean: bool | None = None  # quoted-printable: the fast path applies (see relay.qp)
 
 
 @dataclass
@@ -284,19 +315,19 @@ class Analysis:
     unsubscribe: set[str] = field(default_factory=set)
 
 
-def _decode_body(part: mime.Part, data: bytes) -> tuple[str, bytes]:
+def _decode_body(part: mime.Part, data: bytes) -> tuple[str, bytes, bool | None]:
     body = data[part.body_start : part.body_end]
     enc = part.transfer_encoding
     if enc == "base64":
         try:
-            return enc, binascii.a2b_base64(
-                re.sub(rb"[^A-Za-z0-9+/=]", b"", body), strict_mode=False
-            )
+            decoded = binascii.a2b_base64(body.translate(None, _NOT_B64), strict_mode=False)
+            return enc, decoded, None
         except binascii.Error as exc:
             raise RewriteError(f"bad base64 in the HTML part: {exc}") from None
     if enc == "quoted-printable":
-        return enc, b"".join(line.decoded for line in qp_lines(body))
-    return "identity", body
+        clean = qp.is_clean(body)
+        return enc, qp.decode(body, clean), clean
+    return "identity", body, None
 
 
 def analyse(data: bytes) -> Analysis:
@@ -318,9 +349,9 @@ def analyse(data: bytes) -> Analysis:
             return
         if part.content_type == "text/html" and not part.is_attachment():
             a.has_html = True
-            enc, decoded = _decode_body(part, data)
+            enc, decoded, clean = _decode_body(part, data)
             view = text_view(decoded, part.charset)
-            a.parts.append(PartPlan(part, view, enc, decoded))
+            a.parts.append(PartPlan(part, view, enc, decoded, qp_clean=clean))
             if htmlrewrite.has_visible_content(view.text, view.meaning):
                 a.visible = True
 
@@ -334,6 +365,7 @@ class MessagePlan:
     links: list[LinkInfo]
     pixel: bool
     honeypot: bool
+    _static: list | None = None
 
     @property
     def tracked_links(self) -> list[tuple[int, str]]:
@@ -353,58 +385,65 @@ class MessagePlan:
         open_url: str | None,
         honeypot_url: str | None,
     ) -> bytes:
-        """The message for one copy: each planned edit filled in with this copy's URLs."""
+        """The message for one copy: each planned edit filled in with this copy's URLs.
+
+        What is the same in every copy (untouched bytes, the decoded text around each edit)
+        is worked out once, on the first call; each copy then encodes only the lines that
+        hold an edit (QP, 7bit/8bit) or the part (base64).
+        """
         data = self.analysis.data
         pixel = htmlrewrite.pixel_html(
             open_url if self.pixel else None, honeypot_url if self.honeypot else None
         )
-        replacements = []
-        for pp in self.analysis.parts:
-            if pp.html is None or not pp.html.edits:
+        if self._static is None:
+            self._static = self._prepare()
+        out = []
+        for static, pp, template in self._static:
+            out.append(static)
+            if pp is None:
                 continue
-            replacements.append(
-                (pp.part.body_start, pp.part.body_end, _render_part(pp, click, pixel, data))
-            )
-        out, cursor = [], 0
-        for s, e, new in sorted(replacements):
-            out += [data[cursor:s], new]
-            cursor = e
-        out.append(data[cursor:])
+            out.append(_render_part(pp, template, click, pixel, data))
         return b"".join(out)
 
+    def _prepare(self) -> list[tuple[bytes, PartPlan | None, _PartTemplate | None]]:
+        data = self.analysis.data
+        changed = sorted(
+            (pp for pp in self.analysis.parts if pp.html is not None and pp.html.edits),
+            key=lambda pp: pp.part.body_start,
+        )
+        out, cursor = [], 0
+        for pp in changed:
+            original = data[pp.part.body_start : pp.part.body_end]
+            template = _template(pp, original) if pp.view.byte_indexed else None
+            out.append((data[cursor : pp.part.body_start], pp, template))
+            cursor = pp.part.body_end
+        out.append((data[cursor:], None, None))
+        return out
 
-def _render_part(pp: PartPlan, click, pixel: str, data: bytes) -> bytes:
-    view, plan = pp.view, pp.html
+
+def _render_part(pp: PartPlan, template: _PartTemplate | None, click, pixel: str, data) -> bytes:
+    plan = pp.html
     assert plan is not None
-    if view.byte_indexed:
-        edits = []
-        for e in plan.edits:
+    view = pp.view
+    if template is not None:
+        values = []
+        pixel_bytes = None
+        for e in sorted(plan.edits, key=lambda e: (e.start, e.end)):
             if e.kind == "click":
-                new = click(e.position, e.url)
+                values.append(view.to_bytes(click(e.position, e.url)))
             elif e.kind == "pixel":
-                new = pixel
+                if pixel_bytes is None:
+                    pixel_bytes = view.to_bytes(pixel)
+                values.append(pixel_bytes)
             else:
-                new = ""
-            edits.append((e.start, e.end, view.to_bytes(new)))
-    else:
-        edits = [(0, len(pp.decoded), view.to_bytes(plan.apply(view.text, click, pixel)))]
+                values.append(b"")
+        return template.render(values)
+    # A stateful charset: the whole text is rewritten and encoded again.
+    new_body = view.to_bytes(plan.apply(view.text, click, pixel))
     original = data[pp.part.body_start : pp.part.body_end]
-    if pp.encoding == "quoted-printable":
-        return qp_apply(original, edits)
-    decoded = pp.decoded
-    pieces, c = [], 0
-    for s, e, new in sorted(edits, key=lambda x: (x[0], x[1])):
-        pieces += [decoded[c:s], new]
-        c = e
-    pieces.append(decoded[c:])
-    new_body = b"".join(pieces)
-    if pp.encoding == "base64":
-        first = original.lstrip().split(b"\n", 1)[0].rstrip(b"\r")
-        encoded = _b64_encode(new_body, len(first) or 76, _eol(original))
-        if not original.endswith((b"\n",)):
-            encoded = encoded.rstrip(b"\r\n")
-        return encoded
-    return _fold(new_body, _eol(original), decoded)
+    whole = PartPlan(pp.part, pp.view, pp.encoding, pp.decoded, HtmlPlan(), pp.qp_clean)
+    whole.html.edits.append(htmlrewrite.Edit(0, len(pp.decoded), "pixel"))
+    return _template(whole, original).render([new_body])
 
 
 def plan(

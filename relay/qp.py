@@ -1,0 +1,160 @@
+"""Quoted-printable for the rewriter: decode once, find the encoded lines of a decoded offset,
+re-encode only the lines that hold an edit.
+
+Most bodies are *clean* (every ``=`` starts an escape ``=XX`` or a soft break ``=`` + line
+break; no bare CR): binascii decodes them in C, and the decoded length of any run of whole
+lines is ``len - 2 * count("=") - count("=\\r\\n")``, so a decoded offset is mapped to its
+encoded line with a few C-level counts instead of a Python loop over every line. Anything
+else (a bare ``=``, ``= `` before a line break, lone CRs) takes the line-by-line reference
+path, which reads such bytes the same way (a bare ``=`` stays ``=``).
+"""
+
+from __future__ import annotations
+
+import binascii
+import bisect
+import re
+from dataclasses import dataclass
+
+MAX_QP_LINE = 76
+_ODD = re.compile(rb"=(?![0-9A-Fa-f]{2}|\r?\n)")
+_ESCAPE = re.compile(rb"=([0-9A-Fa-f]{2})")
+
+
+def is_clean(body: bytes) -> bool:
+    """Every '=' starts an escape or a soft break, and every CR is part of a CRLF."""
+    if _ODD.search(body) is not None:
+        return False
+    cr = body.count(b"\r")
+    return cr == 0 or cr == body.count(b"\r\n")
+
+
+def _decode_segment(content: bytes) -> bytes:
+    if b"=" not in content:
+        return content
+    return _ESCAPE.sub(lambda m: bytes((int(m.group(1), 16),)), content)
+
+
+@dataclass
+class Line:
+    start: int  # encoded offsets
+    end: int  # including the line break
+    soft: bool
+    decoded: bytes
+
+
+def lines(body: bytes) -> list[Line]:
+    """The reference reading, line by line (any line break; ``=`` + spaces + break is soft)."""
+    out = []
+    pos = 0
+    for raw in body.splitlines(keepends=True):
+        content = raw.rstrip(b"\r\n")
+        eol = raw[len(content) :]
+        stripped = content.rstrip(b" \t")
+        if stripped.endswith(b"="):
+            out.append(Line(pos, pos + len(raw), True, _decode_segment(stripped[:-1])))
+        else:
+            out.append(Line(pos, pos + len(raw), False, _decode_segment(content) + eol))
+        pos += len(raw)
+    return out
+
+
+def decode(body: bytes, clean: bool | None = None) -> bytes:
+    if is_clean(body) if clean is None else clean:
+        return binascii.a2b_qp(body)
+    return b"".join(line.decoded for line in lines(body))
+
+
+class LineIndex:
+    """``locate(p)``: the encoded line holding decoded offset ``p`` (offsets asked in order)."""
+
+    def __init__(self, body: bytes, clean: bool | None = None) -> None:
+        self.body = body
+        self.clean = is_clean(body) if clean is None else clean
+        self._cursor = (0, 0)
+        if not self.clean:
+            self._lines = lines(body) or [Line(0, 0, False, b"")]
+            self._starts = []
+            pos = 0
+            for line in self._lines:
+                self._starts.append(pos)
+                pos += len(line.decoded)
+            self._total = pos
+
+    def _dlen(self, a: int, b: int) -> int:
+        body = self.body
+        return (b - a) - 2 * body.count(b"=", a, b) - body.count(b"=\r\n", a, b)
+
+    def locate(self, p: int) -> tuple[int, int, int, int, bool]:
+        """(encoded start, encoded end, decoded start, decoded end, ends with a soft break)."""
+        if not self.clean:
+            i = (
+                len(self._lines) - 1
+                if p >= self._total
+                else bisect.bisect_right(self._starts, p) - 1
+            )
+            line = self._lines[i]
+            start = self._starts[i]
+            return line.start, line.end, start, start + len(line.decoded), line.soft
+        body, n = self.body, len(self.body)
+        c, d = self._cursor
+        while True:
+            # Every encoded byte decodes to at most one: p lies at or after c + (p - d).
+            e = min(n, c + max(0, p - d))
+            line_start = max(c, body.rfind(b"\n", c, e) + 1)
+            if line_start > c:
+                d += self._dlen(c, line_start)
+                c = line_start
+            end = body.find(b"\n", c)
+            end = n if end == -1 else end + 1
+            d_end = d + self._dlen(c, end)
+            if p < d_end or end >= n:
+                self._cursor = (c, d)
+                soft = body.endswith(b"=\n", c, end) or body.endswith(b"=\r\n", c, end)
+                return c, end, d, d_end, soft
+            c, d = end, d_end
+
+
+def encode_line(data: bytes, eol: bytes) -> bytes:
+    """One hard line (no line break in ``data``), soft-wrapped at 76 octets."""
+    if b"\r" in data:  # binascii would copy a lone CR as it is
+        return _encode_line_py(data, eol)
+    out = binascii.b2a_qp(data, istext=True)
+    return out.replace(b"=\n", b"=" + eol) if eol != b"\n" else out
+
+
+def _encode_line_py(data: bytes, eol: bytes) -> bytes:
+    toks = []
+    last = len(data) - 1
+    for i, c in enumerate(data):
+        if (33 <= c <= 126 and c != 61) or (c in (9, 32) and i != last):
+            toks.append(bytes([c]))
+        else:
+            toks.append(b"=%02X" % c)
+    out, line = [], b""
+    for t in toks:
+        if len(line) + len(t) > MAX_QP_LINE - 1:
+            out.append(line + b"=" + eol)
+            line = b""
+        line += t
+    out.append(line)
+    return b"".join(out)
+
+
+def encode(seg: bytes, eol: bytes, soft_end: bool) -> bytes:
+    """Decoded ``seg`` (whole lines) as QP lines; ``soft_end``: it continues on the next line."""
+    out = []
+    pieces = seg.split(b"\n")
+    last = len(pieces) - 1
+    for i, piece in enumerate(pieces):
+        if i != last:
+            out.append(encode_line(piece.rstrip(b"\r"), eol) + eol)
+        elif piece:
+            enc = encode_line(piece, eol)
+            if soft_end:
+                tail = enc.rfind(b"\n") + 1
+                if len(enc) - tail > MAX_QP_LINE - 1:  # no room for the '=': move a char down
+                    enc = enc[:-1] + b"=" + eol + enc[-1:]
+                enc += b"=" + eol
+            out.append(enc)
+    return b"".join(out)

@@ -129,13 +129,16 @@ class Receiving:
     def _write_all(self, data: bytes | bytearray) -> None:
         if self._fd is None or self.error is not None:
             return
+        whole = memoryview(data)
         try:
-            with memoryview(data) as whole:
-                view = whole
-                while view:
-                    view = view[os.write(self._fd, view) :]
+            done = 0
+            while done < len(whole):
+                with whole[done:] as part:  # released even when the write fails
+                    done += os.write(self._fd, part)
         except OSError as exc:
             self.error = exc
+        finally:
+            whole.release()  # else the buffer could not be cleared (BufferError -> 500)
 
     def commit(self) -> Entry:
         """Make the entry durable and visible to the worker (blocking: run in a thread).

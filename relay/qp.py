@@ -97,10 +97,13 @@ class LineIndex:
             start = self._starts[i]
             return line.start, line.end, start, start + len(line.decoded), line.soft
         body, n = self.body, len(self.body)
+        if n == 0:
+            return 0, 0, 0, 0, False
         c, d = self._cursor
         while True:
-            # Every encoded byte decodes to at most one: p lies at or after c + (p - d).
-            e = min(n, c + max(0, p - d))
+            # Every encoded byte decodes to at most one: p lies at or after c + (p - d)
+            # (n - 1: past the last line break there is no line to start).
+            e = min(n - 1, c + max(0, p - d))
             line_start = max(c, body.rfind(b"\n", c, e) + 1)
             if line_start > c:
                 d += self._dlen(c, line_start)

@@ -27,12 +27,12 @@ class Part:
     def is_attachment(self) -> bool:
         disp = self.headers.get("Content-Disposition")
         if disp is not None:
-            if disp.split(";")[0].strip().lower() == "attachment":
+            if str(disp).split(";")[0].strip().lower() == "attachment":
                 return True
             if self.headers.get_param("filename", header="Content-Disposition"):
                 return True
         # get_param parses every parameter: ask only when a name can be there at all.
-        ctype = self.headers.get("Content-Type") or ""
+        ctype = str(self.headers.get("Content-Type") or "")  # a Header when not ASCII
         return "name" in ctype.lower() and bool(self.headers.get_param("name"))
 
     @property

@@ -93,7 +93,7 @@ class TextView:
 def text_view(body: bytes, charset: str) -> TextView:
     try:
         name = codecs.lookup(charset).name
-    except LookupError:
+    except (LookupError, ValueError):  # ValueError: a NUL in the name
         name = "latin-1"  # unknown charset: markup is ASCII, URLs are kept as bytes
     if any(s in name for s in _STATEFUL):
         try:
@@ -319,11 +319,18 @@ def _decode_body(part: mime.Part, data: bytes) -> tuple[str, bytes, bool | None]
     body = data[part.body_start : part.body_end]
     enc = part.transfer_encoding
     if enc == "base64":
+        text = body.translate(None, _NOT_B64)
+        core = text.rstrip(b"=")
+        if len(core) % 4 in (2, 3):  # unpadded, as some senders write it: read as clients do
+            text = core + b"=" * (-len(core) % 4)
         try:
-            decoded = binascii.a2b_base64(body.translate(None, _NOT_B64), strict_mode=False)
-            return enc, decoded, None
+            decoded = binascii.a2b_base64(text, strict_mode=False)
         except binascii.Error as exc:
             raise RewriteError(f"bad base64 in the HTML part: {exc}") from None
+        if base64.b64encode(decoded) != text:
+            # Padding in the middle, stray characters: what is decoded is not all there is.
+            raise RewriteError("the base64 of the HTML part does not re-encode to the same text")
+        return enc, decoded, None
     if enc == "quoted-printable":
         clean = qp.is_clean(body)
         return enc, qp.decode(body, clean), clean

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 
 from aiohttp import web
 
@@ -11,6 +12,24 @@ from tracker import classify, netdata
 from tracker.app import make_app
 from tracker.notify import Feed, WebhookSender
 from tracker.writer import BatchWriter
+
+# Open connections the tracker is ready for: every slow or idle client holds a descriptor,
+# and the usual soft limit (1,024 under systemd and most shells) is far too few.
+WANTED_FILES = 65_536
+
+
+def raise_file_limit(wanted: int = WANTED_FILES) -> int:
+    """Raise this process' soft RLIMIT_NOFILE towards ``wanted`` (never above the hard
+    limit, never lower); the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def build_rules(settings: config.Settings) -> classify.Rules:
@@ -34,6 +53,7 @@ class TrackerService:
         self.host, self.port = config.parse_hostport("tracker.listen", settings.tracker.listen)
 
     async def start(self) -> None:
+        raise_file_limit()
         loop = asyncio.get_running_loop()
         self.feed = Feed(loop)
         self.writer = BatchWriter(

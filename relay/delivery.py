@@ -240,12 +240,15 @@ def choose(
     busy: set[str],
     inflight: set[int],
     resume: Scan | None = None,
+    delivered: frozenset[int] | set[int] = frozenset(),
 ) -> tuple[list[dict], Scan]:
     """Up to ``want`` due entries that are first in line for each of their recipients.
 
     Walks the active entries in acceptance order; an entry is skipped (and holds back its
     recipients for every later entry) when it is in flight, not due yet, or a recipient of
-    it is held back already. ``busy`` are the recipients of entries in flight. ``resume``
+    it is held back already. ``busy`` are the recipients of entries in flight. Entries in
+    ``delivered`` (the upstream said 250, the commit is still to come) are passed over
+    without holding anyone back. ``resume``
     continues a complete earlier walk (only entries queued since are read), so that a
     long queue held back by an unreachable upstream is not re-read for every new message.
     """
@@ -259,6 +262,8 @@ def choose(
             break
         for e in page:
             scan.after = e["id"]
+            if e["id"] in delivered:
+                continue
             keys = _keys(e)
             if e["id"] not in inflight and e["next_attempt_at"] <= now and not keys & scan.blocked:
                 chosen.append(e)
@@ -306,17 +311,24 @@ class Worker:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-delivery")
         self.io = ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="relay-io")
         self.db = store.connect(settings.db_path)
+        # Choosing what to send reads on a connection and thread of its own (WAL: readers
+        # never wait for a writer), so the next message to a recipient need not wait for
+        # the fsync of the previous outcome.
+        self.scan_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-scan")
+        self.scan_db = store.connect(settings.db_path, migrate=False)
         store_outbox.durable(self.db)
         self._wake = asyncio.Event()
         self._commit_wake = asyncio.Event()
         self._ready: asyncio.Queue[dict | None] = asyncio.Queue()
-        self._inflight: dict[int, set[str]] = {}  # handed out, until its outcome is committed
+        self._inflight: dict[int, set[str]] = {}  # handed out, until its outcome is known
+        self._delivered: set[int] = set()  # accepted upstream, its commit still to come
         self._finished: list[Finished] = []
         self._scan: Scan | None = None  # the last complete walk, while it is still valid
         self._freed = 0  # counts commits that freed recipients (a walk before one is stale)
         self._scheduler: asyncio.Task | None = None
         self._committer: asyncio.Task | None = None
         self._slots: list[asyncio.Task] = []
+        self._stopping = False
 
     async def _db(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -337,6 +349,7 @@ class Worker:
 
         Entries handed out but not started stay active in the queue for the next start.
         """
+        self._stopping = True
         for task in (self._scheduler,):
             if task:
                 task.cancel()
@@ -357,23 +370,35 @@ class Worker:
             await asyncio.gather(self._committer, return_exceptions=True)
         await self._flush()
         self.executor.shutdown(wait=True)
+        self.scan_executor.shutdown(wait=True)
+        self.scan_db.close()
         self.io.shutdown(wait=True)
         self.db.close()
 
     # ------------------------------------------------------------------ scheduling
 
     async def _schedule(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
-            want = CONCURRENCY * AHEAD - len(self._inflight)
+            want = CONCURRENCY * AHEAD - len(self._inflight) - len(self._delivered)
             if want > 0:
                 busy = set().union(*self._inflight.values())
+                handed_out = set(self._inflight) | self._delivered
+                delivered = set(self._delivered)
                 resume, freed = self._scan, self._freed
                 if resume and time.monotonic() - resume.at > RESCAN:
                     resume = None  # entries waiting for a retry may be due by now
                 try:
-                    chosen, scan = await self._db(
-                        choose, self.db, store.now_iso(), want, busy, set(self._inflight), resume
+                    chosen, scan = await asyncio.get_running_loop().run_in_executor(
+                        self.scan_executor,
+                        choose,
+                        self.scan_db,
+                        store.now_iso(),
+                        want,
+                        busy,
+                        handed_out,
+                        resume,
+                        delivered,
                     )
                     self._scan = scan if scan.complete and freed == self._freed else None
                 except Exception:
@@ -382,8 +407,9 @@ class Worker:
                 for entry in chosen:
                     self._inflight[entry["id"]] = _keys(entry)
                     self._ready.put_nowait(entry)
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+            try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+                async with asyncio.timeout(1.0):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 
@@ -414,6 +440,14 @@ class Worker:
                     continue
                 self._finished.append(finished)
                 self._commit_wake.set()
+                out = finished.out
+                if out is not None and out.ok and not out.temporary and not out.permanent:
+                    # The next message to these recipients may go before this commit: a
+                    # crash now only repeats this one (after the later ones), loses nothing.
+                    self._inflight.pop(entry["id"], None)
+                    self._delivered.add(entry["id"])
+                    self._scan, self._freed = None, self._freed + 1
+                    self.wake()
         finally:
             if getter is not None:
                 getter.cancel()
@@ -472,6 +506,7 @@ class Worker:
         finally:
             for f in batch:
                 self._inflight.pop(f.entry["id"], None)
+                self._delivered.discard(f.entry["id"])
             self._scan, self._freed = None, self._freed + 1  # walk again from the start
             self.wake()
 

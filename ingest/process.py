@@ -479,7 +479,16 @@ def decide(
 
 
 class OwnTransaction(Exception):
-    """This message queues a notice (its own durable commit): file it outside a batch."""
+    """This message queues a notice (its own durable commit): file it outside a batch.
+
+    Carries what was already worked out (``inbound``, ``mail``, ``plan``), so the caller
+    commits it after its batch with :func:`commit` without parsing again, then calls
+    ``mail.cleanup()``.
+    """
+
+    def __init__(self, inbound: Inbound, mail: ParsedMail | None = None, plan: dict | None = None):
+        super().__init__(inbound.spool_id or "")
+        self.inbound, self.mail, self.plan = inbound, mail, plan
 
 
 def _store_attachment_file(
@@ -572,7 +581,7 @@ def commit(
     if plan.get("notice"):
         if db.conn.in_transaction:
             # The outbox makes its own durable commit: not inside the worker's batch.
-            raise OwnTransaction(inbound.spool_id or "")
+            raise OwnTransaction(inbound, mail, plan)
         # Before the commit: a crash in between re-sends the notice, never loses it.
         send_notice(settings, db, inbound, plan)
     if plan["decision"] == "logged":
@@ -723,6 +732,9 @@ def process(
         mail = parse_inbound(settings, inbound, tmp_dir)
         plan = decide(settings, db, inbound, mail, tmp_dir=tmp_dir, dnsfunc=dnsfunc)
         return commit(settings, db, inbound, mail, plan, sync)
+    except OwnTransaction:
+        mail = None  # handed over with the exception: the caller files it and cleans up
+        raise
     finally:
         if mail is not None:
             mail.cleanup()

@@ -27,6 +27,7 @@ log = logging.getLogger("mailtally.ingest")
 # the WAL) per batch, while other writers never wait long for the lock.
 BATCH = 32
 BATCH_SECONDS = 0.25
+OS_ERROR_TRIES = 3
 
 
 class Worker:
@@ -41,6 +42,7 @@ class Worker:
         self._task: asyncio.Task | None = None
         self._stopping = threading.Event()
         self._db = None
+        self._os_errors: dict[str, int] = {}
         self.processed = 0
 
     async def start(self) -> None:
@@ -124,8 +126,8 @@ class Worker:
                     break
                 try:
                     outcome = self._process_in_batch(db, path, sync)
-                except process.OwnTransaction:
-                    alone = path
+                except process.OwnTransaction as own:
+                    alone = own
                     break
                 taken += 1
                 if outcome is not None:
@@ -138,6 +140,8 @@ class Worker:
         except BaseException as exc:
             if db.conn.in_transaction:
                 db.conn.execute("ROLLBACK")
+            if alone is not None and alone.mail is not None:
+                alone.mail.cleanup()
             if isinstance(exc, sqlite3.OperationalError | OSError):
                 # Locked/busy database or a disk error: every entry stays for the next round.
                 log.warning("ingest: batch rolled back, will retry: %s", exc)
@@ -147,39 +151,34 @@ class Worker:
             spool.remove(entry)
         self.processed += filed
         if alone is not None:
-            if not self._process_alone(db, alone):
+            outcome = self._process_alone(db, alone)
+            if outcome is None:
                 return taken, filed  # busy: retried next round
             taken += 1
-            filed += 1
+            filed += outcome
         return taken, filed
 
-    def _process_alone(self, db, path) -> bool:
-        """One entry with its own commits (a message that queues a notice); False if the
-        database was busy and the entry stays for the next round."""
-        entry = spool.read(path)
-        inbound = process.Inbound(
-            mail_from=entry.mail_from,
-            rcpts=entry.rcpts,
-            path=entry.path,
-            offset=entry.body_offset,
-            meta=entry.meta,
-            received_at=entry.received_at,
-            spool_id=entry.id,
-        )
+    def _process_alone(self, db, own: process.OwnTransaction) -> int | None:
+        """File a message that queues a notice (its own commits), as already parsed and
+        decided in the batch: 1 when filed, None if the database was busy (the entry stays
+        for the next round)."""
+        inbound = own.inbound
         try:
-            process.process(self.settings, db, inbound)
+            process.commit(self.settings, db, inbound, own.mail, own.plan)
         except sqlite3.OperationalError as exc:
-            log.warning("ingest: will retry %s: %s", entry.id, exc)
-            return False
-        except Exception as exc:  # bad input must be explained, never crash or loop
-            log.exception("ingest: cannot process %s", entry.id)
+            log.warning("ingest: will retry %s: %s", inbound.spool_id, exc)
+            return None
+        except Exception as exc:  # never crash or loop on one message
+            log.exception("ingest: cannot process %s", inbound.spool_id)
             try:
                 process.failed(self.settings, db, inbound, f"{type(exc).__name__}: {exc}")
             except sqlite3.OperationalError:
-                return False
-        spool.remove(entry)
+                return None
+        finally:
+            own.mail.cleanup()
+        inbound.path.unlink(missing_ok=True)
         self.processed += 1
-        return True
+        return 1
 
     def _process_in_batch(self, db, path, sync: list) -> tuple[spool.Entry, int] | None:
         """One entry inside the batch transaction: (entry to remove, 1 if filed now)."""
@@ -209,8 +208,15 @@ class Worker:
             db.conn.execute("ROLLBACK TO entry")
             db.conn.execute("RELEASE entry")
             raise
-        except (sqlite3.OperationalError, OSError):
-            raise  # locked database, full disk: retry the whole batch later
+        except (sqlite3.OperationalError, OSError) as exc:
+            # Locked database, full disk: retry the whole batch later. An OSError that
+            # keeps coming back for this entry is about the entry: recorded, not retried.
+            tries = self._os_errors[entry.id] = self._os_errors.get(entry.id, 0) + 1
+            if isinstance(exc, sqlite3.OperationalError) or tries < OS_ERROR_TRIES:
+                raise
+            db.conn.execute("ROLLBACK TO entry")
+            log.exception("ingest: cannot process %s", entry.id)
+            process.failed(self.settings, db, inbound, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # bad input must be explained, never crash or loop
             db.conn.execute("ROLLBACK TO entry")
             log.exception("ingest: cannot process %s", entry.id)
@@ -222,6 +228,7 @@ class Worker:
                 log.exception("ingest: cannot record the failure of %s; kept", entry.id)
                 return None
         db.conn.execute("RELEASE entry")
+        self._os_errors.pop(entry.id, None)
         return entry, 1
 
     async def stop(self) -> None:

@@ -5,7 +5,9 @@ all measured in the same run from one separate load-client process.
 The tracker runs for real: ``cli.initialise`` settings, a database with a user, 1,000 sent
 emails and 4,000 copies, distinct valid pixel and click tokens, and a mix of user agents
 (Gmail's image proxy, Apple Mail, Outlook, desktop and phone browsers). After every run the
-bench checks that the number of hits recorded equals the number of requests answered.
+bench checks that the number of hits recorded equals the number of requests answered; the
+tracker's figure counts until the last hit is committed (answered and recorded per second),
+its answer rate alone is reported beside it.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ async def load(port: int, total: int, limit: float, plan: Path) -> dict:
 
 
 def summary(runs: list[dict]) -> dict:
-    return {k: spread([r[k] for r in runs]) for k in ("rate", "p50_ms", "p99_ms")}
+    keys = ("rate", "p50_ms", "p99_ms", "sustained", "cpu_us")
+    return {k: spread([r[k] for r in runs]) for k in keys if k in runs[0]}
 
 
 # ---------------------------------------------------------------- test data
@@ -179,7 +182,13 @@ async def bare_aiohttp(quick: bool, plan: Path, runs: int, total: int, limit: fl
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        return summary([await load(port, total, limit, plan) for _ in range(runs)])
+        results = []
+        for _ in range(runs):
+            cpu = time.process_time()
+            r = await load(port, total, limit, plan)
+            r["cpu_us"] = (time.process_time() - cpu) / max(r["n"], 1) * 1e6
+            results.append(r)
+        return summary(results)
     finally:
         await runner.cleanup()
 
@@ -250,12 +259,29 @@ async def tracker(settings, plan: Path, runs: int, total: int, limit: float) -> 
     try:
         for _ in range(runs):
             before = store_events.count_hits(db)
+            cpu = time.process_time()
             r = await load(svc.port, total, limit, plan)
-            deadline = time.monotonic() + 120
-            while svc.writer.pending and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            ended = time.monotonic()
+            backlog = svc.writer.pending
+            while svc.writer.pending and time.monotonic() < ended + 120:
+                await asyncio.sleep(0.01)
+            drain = time.monotonic() - ended
+            # CPU of the whole server process (event loop and writer thread) per hit, until
+            # the last hit is committed: what the tracker costs, whatever else the machine runs
+            r["cpu_us"] = (time.process_time() - cpu) / max(r["n"], 1) * 1e6
             recorded = store_events.count_hits(db) - before
-            checks.append({"answered": r["answered"], "recorded": recorded})
+            # The honest rate: requests answered AND recorded, per second from the first
+            # request until the last hit is committed (a queue that is still draining
+            # when the load stops does not count as done).
+            r["sustained"] = r["answered"] / (r["seconds"] + drain)
+            checks.append(
+                {
+                    "answered": r["answered"],
+                    "recorded": recorded,
+                    "queued_at_end": backlog,
+                    "drain_s": round(drain, 2),
+                }
+            )
             if recorded != r["answered"] or r["errors"] or r["answered"] != r["n"]:
                 raise AssertionError(f"tracker lost or failed hits: {r} recorded={recorded}")
             results.append(r)
@@ -273,7 +299,7 @@ def run(quick: bool) -> list[dict]:
         bare = asyncio.run(bare_aiohttp(quick, plan, runs, total, limit))
         ngx = asyncio.run(nginx(plan, runs, total, limit))
         real, checks = asyncio.run(tracker(settings, plan, runs, total, limit))
-    ratio = real["rate"]["median"] / bare["rate"]["median"]
+    ratio = real["sustained"]["median"] / bare["rate"]["median"]
     out = [
         row(
             "bare aiohttp GIF/302, 64 conns",
@@ -282,6 +308,7 @@ def run(quick: bool) -> list[dict]:
             "baseline",
             p50_ms=bare["p50_ms"],
             p99_ms=bare["p99_ms"],
+            server_cpu_us_per_request=bare["cpu_us"],
         )
     ]
     if ngx:
@@ -299,14 +326,19 @@ def run(quick: bool) -> list[dict]:
         out.append(row("nginx GIF/302", "req/s", None, "baseline (nginx not installed)"))
     out.append(
         row(
-            "tracker pixel+click, every hit recorded, 64 conns",
+            "tracker pixel+click, answered and recorded, 64 conns",
             "req/s",
-            real["rate"],
+            real["sustained"],
             ">= 0.8x bare aiohttp; p99 <= 15 ms",
             met=ratio >= 0.8 and real["p99_ms"]["median"] <= 15,
             baseline=bare["rate"],
             ratio=round(ratio, 3),
-            ratio_nginx=round(real["rate"]["median"] / ngx["rate"]["median"], 3) if ngx else None,
+            ratio_nginx=(
+                round(real["sustained"]["median"] / ngx["rate"]["median"], 3) if ngx else None
+            ),
+            answered_rate=real["rate"],
+            server_cpu_us_per_request=real["cpu_us"],
+            cpu_ratio=round(real["cpu_us"]["median"] / bare["cpu_us"]["median"], 2),
             p50_ms=real["p50_ms"],
             p99_ms=real["p99_ms"],
             recorded=checks,

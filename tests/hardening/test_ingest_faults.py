@@ -242,3 +242,27 @@ async def test_one_byte_a_second_is_dropped_while_others_are_served(settings, db
         await in_data.close()
     finally:
         await svc.stop()
+
+
+async def test_disk_error_while_filing_is_retried_not_lost(settings, db):
+    """After the 250, the worker cannot write (its scratch directory is a regular file for a
+    moment): the message stays spooled and is logged once the fault is gone, not recorded
+    as an error and dropped."""
+    from ingest import process
+
+    scratch = process.attachments_dir(settings) / "tmp"
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    scratch.write_bytes(b"not a directory")
+    svc = await ingest_service.start(settings)
+    try:
+        code, _ = await send(svc.port, settings.ingest.bcc_address, small_mail("filing-fault"))
+        assert code == 250
+        await asyncio.sleep(0.8)  # the worker tries (and fails) at least once meanwhile
+        assert logged(db, "filing-fault") == []
+        assert len(spool.pending(spool.spool_dir(settings))) == 1
+        scratch.unlink()
+        (entry,) = await wait_for(lambda: logged(db, "filing-fault"), timeout=30)
+        assert entry["decision"] == "logged", entry
+        assert db.execute("SELECT COUNT(*) FROM inbound_log").fetchone()[0] == 1
+    finally:
+        await svc.stop()

@@ -45,6 +45,7 @@ CONCURRENCY = 8  # upstream connections (slots) delivering at once
 AHEAD = 4  # entries per slot handed out ahead (in flight or waiting for the commit)
 IDLE_CLOSE = 5.0  # seconds a slot keeps an unused upstream connection open
 QUIT_ON_STOP = 2.0  # seconds to wait for the upstream's answer to QUIT when stopping
+CHAIN = 16  # entries to the same recipients one slot sends one after another
 PAGE = 256
 RESCAN = 1.0  # seconds a walk of the queue is resumed instead of repeated from the start  # outbox rows read per page when choosing what to send
 
@@ -241,21 +242,27 @@ def choose(
     inflight: set[int],
     resume: Scan | None = None,
     delivered: frozenset[int] | set[int] = frozenset(),
-) -> tuple[list[dict], Scan]:
-    """Up to ``want`` due entries that are first in line for each of their recipients.
+) -> tuple[list[list[dict]], Scan]:
+    """Up to ``want`` due entries that are first in line for each of their recipients, as
+    runs: a run is a first-in-line entry followed by the next due entries to exactly the
+    same recipients with nothing in between touching them (at most CHAIN), which one slot
+    sends one after another over its connection, so a recipient's queue keeps moving
+    without a trip through this walk per message.
 
     Walks the active entries in acceptance order; an entry is skipped (and holds back its
     recipients for every later entry) when it is in flight, not due yet, or a recipient of
     it is held back already. ``busy`` are the recipients of entries in flight. Entries in
     ``delivered`` (the upstream said 250, the commit is still to come) are passed over
-    without holding anyone back. ``resume``
-    continues a complete earlier walk (only entries queued since are read), so that a
-    long queue held back by an unreachable upstream is not re-read for every new message.
+    without holding anyone back. ``resume`` continues a complete earlier walk (only entries
+    queued since are read), so that a long queue held back by an unreachable upstream is
+    not re-read for every new message.
     """
     scan = Scan(resume.after, resume.blocked | busy) if resume else Scan(0, set(busy))
     scan.at = time.monotonic()
-    chosen: list[dict] = []
-    while len(chosen) < want:
+    runs: list[list[dict]] = []
+    open_runs: dict[frozenset[str], list[dict]] = {}  # runs later entries may still join
+    count = 0
+    while count < want:
         page = store_outbox.active_page(db, scan.after, PAGE)
         if not page:
             scan.complete = True
@@ -264,13 +271,23 @@ def choose(
             scan.after = e["id"]
             if e["id"] in delivered:
                 continue
-            keys = _keys(e)
-            if e["id"] not in inflight and e["next_attempt_at"] <= now and not keys & scan.blocked:
-                chosen.append(e)
+            keys = frozenset(_keys(e))
+            free = e["id"] not in inflight and e["next_attempt_at"] <= now
+            run = open_runs.get(keys)
+            if free and run is not None and len(run) < CHAIN:
+                run.append(e)
+                count += 1
+            elif free and not keys & scan.blocked:
+                runs.append([e])
+                open_runs[keys] = runs[-1]
+                count += 1
+            else:  # held back: it also ends every open run it shares a recipient with
+                for other in [k for k in open_runs if k & keys]:
+                    del open_runs[other]
             scan.blocked |= keys
-            if len(chosen) >= want:
+            if count >= want:
                 break
-    return chosen, scan
+    return runs, scan
 
 
 @dataclass
@@ -319,7 +336,7 @@ class Worker:
         store_outbox.durable(self.db)
         self._wake = asyncio.Event()
         self._commit_wake = asyncio.Event()
-        self._ready: asyncio.Queue[dict | None] = asyncio.Queue()
+        self._ready: asyncio.Queue[list[dict] | None] = asyncio.Queue()  # runs (see choose)
         self._inflight: dict[int, set[str]] = {}  # handed out, until its outcome is known
         self._delivered: set[int] = set()  # accepted upstream, its commit still to come
         self._finished: list[Finished] = []
@@ -355,8 +372,7 @@ class Worker:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         while not self._ready.empty():
-            entry = self._ready.get_nowait()
-            if entry is not None:
+            for entry in self._ready.get_nowait() or []:
                 self._inflight.pop(entry["id"], None)
         for _ in self._slots:
             self._ready.put_nowait(None)
@@ -404,9 +420,10 @@ class Worker:
                 except Exception:
                     log.exception("relay: cannot read the outbox")
                     chosen, self._scan = [], None
-                for entry in chosen:
-                    self._inflight[entry["id"]] = _keys(entry)
-                    self._ready.put_nowait(entry)
+                for run in chosen:
+                    for entry in run:
+                        self._inflight[entry["id"]] = _keys(entry)
+                    self._ready.put_nowait(run)
             try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
                 async with asyncio.timeout(1.0):
                     await self._wake.wait()
@@ -429,29 +446,40 @@ class Worker:
                 if not done:
                     await conn.quit()
                     continue
-                entry, getter = getter.result(), None
-                if entry is None:
+                run, getter = getter.result(), None
+                if run is None:
                     return
-                try:
-                    finished = await self._attempt(conn, entry)
-                except Exception:
-                    log.exception("relay: delivery attempt for outbox %s failed", entry["id"])
-                    self._inflight.pop(entry["id"], None)
-                    continue
-                self._finished.append(finished)
-                self._commit_wake.set()
-                out = finished.out
-                if out is not None and out.ok and not out.temporary and not out.permanent:
-                    # The next message to these recipients may go before this commit: a
-                    # crash now only repeats this one (after the later ones), loses nothing.
-                    self._inflight.pop(entry["id"], None)
-                    self._delivered.add(entry["id"])
-                    self._scan, self._freed = None, self._freed + 1
-                    self.wake()
+                await self._deliver_run(conn, run)
         finally:
             if getter is not None:
                 getter.cancel()
             await conn.quit(timeout=QUIT_ON_STOP)
+
+    async def _deliver_run(self, conn: Connection, run: list[dict]) -> None:
+        """Send a run in order; the first entry not fully accepted ends it (the rest go back
+        to the queue untried, behind that one)."""
+        for i, entry in enumerate(run):
+            try:
+                finished = await self._attempt(conn, entry)
+            except Exception:
+                log.exception("relay: delivery attempt for outbox %s failed", entry["id"])
+                finished = None
+            if finished is not None:
+                self._finished.append(finished)
+                self._commit_wake.set()
+            out = finished.out if finished else None
+            if out is None or not out.ok or out.temporary or out.permanent or self._stopping:
+                if finished is None:
+                    self._inflight.pop(entry["id"], None)
+                for rest in run[i + 1 :]:
+                    self._inflight.pop(rest["id"], None)
+                break
+            # Accepted: the next message to these recipients may go before this commit; a
+            # crash now only repeats this one (after the later ones), never loses it.
+            self._inflight.pop(entry["id"], None)
+            self._delivered.add(entry["id"])
+        self._scan, self._freed = None, self._freed + 1
+        self.wake()
 
     async def _attempt(self, conn: Connection, entry: dict) -> Finished:
         """One delivery attempt of one entry (the queue is updated by the committer)."""

@@ -32,24 +32,26 @@ def test_choose_takes_the_first_entry_of_each_recipient(db):
     now = now_iso()
 
     def ids(**kw):
-        chosen, scan = delivery.choose(db, now, kw.pop("want", 10), kw.pop("busy", set()), **kw)
-        return [e["id"] for e in chosen], scan
+        runs, scan = delivery.choose(
+            db, kw.pop("now", now), kw.pop("want", 10), kw.pop("busy", set()), **kw
+        )
+        return [[e["id"] for e in run] for run in runs], scan
 
-    assert ids(inflight=set())[0] == [c1, d1, f1]
-    assert ids(inflight=set(), want=2)[0] == [c1, d1]
+    # c2 follows c1 in the same run (nothing else to carol in between); "both" ends dave's
+    # run and holds erin back.
+    assert ids(inflight=set())[0] == [[c1, c2], [d1], [f1]]
+    assert ids(inflight=set(), want=2)[0] == [[c1], [d1]]  # want counts entries
     # c1 and d1 in flight: their recipients stay held back.
     busy = {"carol@y.test", "dave@y.test"}
-    assert ids(busy=busy, inflight={c1, d1})[0] == [f1]
+    assert ids(busy=busy, inflight={c1, d1})[0] == [[f1]]
     # c1 waits for a retry later: c2 still may not overtake it.
     store_outbox.mark_retry(db, c1, "9999-01-01T00:00:00+00:00", "451", ["carol@y.test"])
     chosen, scan = ids(inflight=set())
-    assert chosen == [d1, f1] and scan.complete
+    assert chosen == [[d1], [f1]] and scan.complete
     # A walk resumed for entries queued since reads only those.
     g1 = add(["gina@y.test"])
     c3 = add(["carol@y.test"])
-    chosen, _ = delivery.choose(db, now_iso(), 10, set(), {d1, f1}, resume=scan)
-    assert [e["id"] for e in chosen] == [g1]
+    assert ids(now=now_iso(), inflight={d1, f1}, resume=scan)[0] == [[g1]]
     # d1 delivered (its commit still to come): skipped, and no longer holds dave back.
-    chosen, _ = delivery.choose(db, now_iso(), 10, set(), {d1}, delivered={d1})
-    assert [e["id"] for e in chosen] == [both, f1, g1]
-    assert c2 and e1 and c3
+    assert ids(now=now_iso(), inflight={d1}, delivered={d1})[0] == [[both], [f1], [g1]]
+    assert e1 and c3

@@ -5,6 +5,7 @@ the relay accepted it (SPEC relay 2: 4xx and network errors retry; nothing accep
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import aiosmtplib
@@ -129,3 +130,26 @@ async def test_upstream_4xx_then_accepting_keeps_order_and_delivers_once(relay_s
     assert received(up) == sent
     rows = store_outbox.listing(db, ["sent"])
     assert max(r["attempts"] for r in rows) >= 2  # the deferred ones were tried again
+
+
+async def test_queue_retry_sends_a_waiting_message_to_the_running_relay(relay_setup):
+    """`mailtally queue retry` only changes the database; the running worker must notice."""
+    from click.testing import CliRunner
+
+    s, up, db = relay_setup
+    s.relay.retry_schedule = [3600]  # without `queue retry` nothing would happen for an hour
+    svc = await relay_service.start(s)
+    try:
+        sent = await submit_in_order(s, 0, 6)
+        await wait_for(lambda: store_outbox.counts(db).get("retrying", 0) == 3, timeout=30)
+        await up.start()
+        result = await asyncio.to_thread(
+            CliRunner().invoke, cli.main, ["--config", str(s.config_path), "queue", "retry"]
+        )
+        assert result.exit_code == 0, result.output
+        total = sum(map(len, sent.values()))
+        await wait_for(lambda: len(up.messages) >= total, timeout=30)
+        await wait_for(lambda: store_outbox.counts(db).get("sent", 0) == total, timeout=30)
+    finally:
+        await svc.stop()
+    assert received(up) == sent

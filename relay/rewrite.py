@@ -7,8 +7,14 @@ its own transfer encoding and charset, edited, and re-encoded the same way:
 * 7bit/8bit/binary: the edits are spliced into the original bytes; a line pushed over 998
   octets is folded at the whitespace before an attribute (insignificant inside a tag);
 * quoted-printable: only the encoded lines that hold an edit are re-encoded (a soft line
-  break inside an href is handled because edits are made on the decoded bytes);
-* base64: the part is re-encoded with its original line length.
+  break inside an href is handled because edits are made on the decoded bytes; see
+  ``relay.qp``);
+* base64: the part is re-encoded with its original line length (a body whose base64 does
+  not re-encode to the same text is not touched: decoding it would lose part of it).
+
+A message is planned once and rendered once per recipient copy: the first render cuts each
+changed part into a template (untouched encoded bytes, and the decoded text of the lines
+around each edit), so every copy only fills in its own URLs and encodes the edited lines.
 
 ASCII-compatible charsets (UTF-8, ISO-8859-x, windows-125x, Shift_JIS, ...) are scanned one
 byte per character, so every untouched byte stays as it was even when the text is not

@@ -54,7 +54,8 @@ class PendingHit:
 
 
 def _iso(ts: float) -> str:
-    return store.to_iso(dt.datetime.fromtimestamp(ts, dt.UTC))
+    """``store.to_iso`` of a Unix time (the same text, without its conversions)."""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="microseconds")
 
 
 def _text(value: str) -> str:
@@ -287,10 +288,7 @@ class BatchWriter:
             for p in batch.recent.get(hit.delivery_id, ())
             if p["at"] >= since
         ]
-        delivered = _epoch(ctx["delivered_at"]) or _epoch(ctx["created_at"])
-        verdict = classify.classify(
-            request, classify.Copy(delivered, ctx["link_count"]), priors, self.rules
-        )
+        verdict = classify.classify(request, batch.copy(ctx), priors, self.rules)
         anonymous = bool(ctx["shared"]) or (
             self.settings.privacy.enabled and ctx["lawful_basis"] != "yes"
         )
@@ -434,6 +432,14 @@ class _Batch:
         self._next_id = store_events.next_event_id(db)
         self._events: list[dict] = []
         self._touched: dict[int, tuple[str, str | None]] = {}
+
+    def copy(self, ctx: dict) -> classify.Copy:
+        """What the rules know of a copy (made once per copy and batch)."""
+        found = ctx.get("_copy")
+        if found is None:
+            delivered = _epoch(ctx["delivered_at"]) or _epoch(ctx["created_at"])
+            found = ctx["_copy"] = classify.Copy(delivered, ctx["link_count"])
+        return found
 
     def add_event(self, event: dict) -> int:
         """Number an event and keep it for :meth:`flush`; a human, named one also moves its

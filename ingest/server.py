@@ -71,7 +71,7 @@ class IngestSMTP(SMTP):
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's DATA (same replies: 503/501, 354, 552 over SIZE, 500 for a line over
-        the limit), but each line goes to the spool file as it arrives, dot-unstuffed."""
+        the limit), but the message goes to the spool file as it arrives, dot-unstuffed."""
         if await self.check_helo_needed():
             return
         if await self.check_auth_needed("DATA"):
@@ -92,8 +92,10 @@ class IngestSMTP(SMTP):
             if status == GONE:
                 return
             if status is None:
-                status = await handler.accept(receiving)
+                # From here the commit owns the file (it cleans up itself on failure): a
+                # client gone during the fsync must not close the fd under the thread.
                 committed = True
+                status = await handler.accept(receiving)
             self._set_post_data_state()
             await self.push(status)
         finally:

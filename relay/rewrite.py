@@ -483,6 +483,7 @@ def plan(
             first_position=position,
         )
         links += pp.html.links
-        if pp.html.tracked:
-            position = pp.html.tracked[-1][0] + 1
+        tracked = [link.position for link in pp.html.links if link.tracked and link.position]
+        if tracked:
+            position = max(tracked) + 1
     return MessagePlan(analysis, links, track_opens, track_clicks)

@@ -346,6 +346,7 @@ class Worker:
         self._committer: asyncio.Task | None = None
         self._slots: list[asyncio.Task] = []
         self._stopping = False
+        self._closing = False  # slots are done: the committer makes its last flush and ends
 
     async def _db(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -381,8 +382,9 @@ class Worker:
             for task in late:
                 task.cancel()
             await asyncio.gather(*self._slots, return_exceptions=True)
-        if self._committer:
-            self._committer.cancel()
+        if self._committer:  # never cancelled: a commit it queued must not be dropped
+            self._closing = True
+            self._commit_wake.set()
             await asyncio.gather(self._committer, return_exceptions=True)
         await self._flush()
         self.executor.shutdown(wait=True)
@@ -516,7 +518,7 @@ class Worker:
     # ------------------------------------------------------------------ recording
 
     async def _commit_loop(self) -> None:
-        while True:
+        while not self._closing:
             await self._commit_wake.wait()
             self._commit_wake.clear()
             await self._flush()

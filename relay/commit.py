@@ -1,11 +1,14 @@
 """Group commit of accepted messages: many SMTP sessions, one fsync'd file, one commit.
 
-Each session hands the copies of its message to :meth:`GroupCommitter.commit` and waits.
-Whenever the committer thread is free it takes *everything* waiting: all those copies go
-into one spool file (one fsync, one directory fsync) and all their outbox rows into one
-durable transaction; then every waiting session hears 250 together. Under load a batch holds
-many messages, so the cost of durability per message falls as load rises; with one client
-it is exactly one message per batch and nobody waits for a timer.
+Each session hands its checked and planned message (``submit.Prepared``) to
+:meth:`GroupCommitter.commit` and waits. Whenever the committer thread is free it takes
+*everything* waiting and, for the whole batch: records the emails, deliveries and links in
+one transaction, renders the copies, writes all of them into one spool file (one fsync, one
+directory fsync) and adds all their outbox rows in one durable commit; then every waiting
+session hears 250 together. The accept path thus takes the database's write lock twice per
+batch instead of per message, and under load a batch holds many messages, so the cost of
+durability per message falls as load rises; with one client a batch is one message and
+nobody waits for a timer.
 
 If a batch cannot be made durable (disk error, database locked for too long), every
 message in it fails and nothing of it stays queued (no spool name, no row).
@@ -19,11 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import config
 import store
-from relay import outbox
+from relay import outbox, submit
 from store import outbox as store_outbox
-from store import spoolfile
+from store import outbox_batch, spoolfile
+from store.sql import transaction
 
 log = logging.getLogger("mailtally.relay.commit")
+
+Job = submit.Prepared | list[outbox.Copy]
 
 
 class GroupCommitter:
@@ -32,17 +38,21 @@ class GroupCommitter:
     def __init__(self, settings: config.Settings) -> None:
         self.settings = settings
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-commit")
-        self.db = store_outbox.durable(store.connect(settings.db_path, migrate=False))
-        self._waiting: list[tuple[list[outbox.Copy], asyncio.Future]] = []
+        self.db = store.connect(settings.db_path, migrate=False)
+        self._waiting: list[tuple[Job, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
         self.batches = 0  # how many commits were made (for tests and benchmarks)
 
-    async def commit(self, copies: list[outbox.Copy]) -> list[int]:
-        """Queue ``copies`` durably (with whatever else is waiting); their outbox ids."""
-        if not copies:
+    async def commit(self, job: Job) -> list[int]:
+        """Queue a message (or ready copies) durably with whatever else is waiting.
+
+        Returns the outbox ids of its copies; a ``Prepared`` message has its rows and copies
+        filled in. On failure nothing of it stays queued and the error is raised.
+        """
+        if isinstance(job, list) and not job:
             return []
         fut = asyncio.get_running_loop().create_future()
-        self._waiting.append((copies, fut))
+        self._waiting.append((job, fut))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain(), name="relay-group-commit")
         # shield: a session that goes away must not cancel the batch of the others.
@@ -53,9 +63,7 @@ class GroupCommitter:
         while self._waiting:
             batch, self._waiting = self._waiting, []
             try:
-                ids = await loop.run_in_executor(
-                    self.executor, self._write, [c for copies, _ in batch for c in copies]
-                )
+                ids = await loop.run_in_executor(self.executor, self._write, [j for j, _ in batch])
             except BaseException as exc:  # every waiting session must hear, whatever happened
                 if not isinstance(exc, Exception):
                     exc = RuntimeError(f"group commit interrupted: {exc!r}")
@@ -65,25 +73,62 @@ class GroupCommitter:
                         fut.set_exception(exc)
                 continue
             self.batches += 1
-            i = 0
-            for copies, fut in batch:
-                if not fut.done():
-                    fut.set_result(ids[i : i + len(copies)])
-                i += len(copies)
+            for (_, fut), job_ids in zip(batch, ids, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(job_ids, Exception):
+                    fut.set_exception(job_ids)
+                else:
+                    fut.set_result(job_ids)
 
-    def _write(self, copies: list[outbox.Copy]) -> list[int]:
-        """One spool file, one directory fsync, one commit (runs in the committer thread)."""
-        root = outbox.spool_dir(self.settings)
-        paths = outbox.write_batch(root, copies)
+    def _write(self, jobs: list[Job]) -> list[list[int] | Exception]:
+        """Rows, copies, one spool file, one commit (runs in the committer thread).
+
+        A message whose copies cannot be made (e.g. its ingest hand-off fails) fails alone;
+        a failure of the shared steps fails the batch.
+        """
+        messages = [j for j in jobs if isinstance(j, submit.Prepared)]
+        failed: dict[int, Exception] = {}
+        paths: list = []
         try:
-            spoolfile.fsync_dir(root)
-            return store_outbox.add(self.db, outbox.rows_for(copies, paths))
+            if messages:
+                outbox_batch.durable(self.db, False)  # made durable by the commit below
+                with transaction(self.db):
+                    for m in messages:
+                        submit.record(self.db, m)
+                for i, job in enumerate(jobs):
+                    if isinstance(job, submit.Prepared):
+                        try:
+                            submit.render(self.settings, self.db, job)
+                        except Exception as exc:
+                            failed[i] = exc
+                            submit.discard(self.db, job)
+            per_job = [
+                [] if i in failed else (j.copies if isinstance(j, submit.Prepared) else j)
+                for i, j in enumerate(jobs)
+            ]
+            copies = [c for cs in per_job for c in cs]
+            ids: list[int] = []
+            if copies:
+                root = outbox.spool_dir(self.settings)
+                paths = outbox.write_batch(root, copies)
+                spoolfile.fsync_dir(root)
+                outbox_batch.durable(self.db, True)
+                ids = store_outbox.add(self.db, outbox.rows_for(copies, paths))
         except BaseException:
             if self.db.conn.in_transaction:  # a failed COMMIT can leave it open
                 self.db.conn.rollback()
             for p in paths:
                 outbox.remove_spool(p)
+            for m in messages:
+                submit.discard(self.db, m)
             raise
+        out: list[list[int] | Exception] = []
+        n = 0
+        for i, cs in enumerate(per_job):
+            out.append(failed[i] if i in failed else ids[n : n + len(cs)])
+            n += len(cs)
+        return out
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)

@@ -106,8 +106,8 @@ class RelaySMTP(SMTP):
 class Handler:
     """aiosmtpd hooks; the slow work runs off the event loop, in three threads of its own.
 
-    ``executor``: checks, rewriting and the email/delivery rows of one message at a time;
-    ``committer``: durable queueing of every waiting message at once (group commit);
+    ``executor``: checks and rewriting plans, one message at a time (reads only);
+    ``committer``: rows, copies and durable queueing of every waiting message at once;
     ``auth_executor``: scrypt.
     """
 
@@ -170,7 +170,11 @@ class Handler:
         if not isinstance(user, dict):
             return "530 5.7.0 Authentication required"
         addr = addresses.normalize(address)
-        own = await self._run(submit.user_addresses, self.db, user["id"])
+        # A quick read on the auth thread's connection: MAIL need not queue behind the
+        # rewriting of other sessions' messages in ``executor``.
+        own = await asyncio.get_running_loop().run_in_executor(
+            self.auth_executor, submit.user_addresses, self.auth_db, user["id"]
+        )
         if addr not in own:
             return f"553 5.7.1 Sender address {addr or '<>'} is not one of your addresses"
         envelope.mail_from = address
@@ -208,10 +212,9 @@ class Handler:
         except Exception:
             log.exception("relay: could not queue a message")
             return "451 4.3.0 Could not queue the message; try again later"
-        try:
-            prepared.result.outbox_ids = await self.committer.commit(prepared.copies)
+        try:  # rows, copies, spool file and outbox rows: with every other waiting message
+            prepared.result.outbox_ids = await self.committer.commit(prepared)
         except Exception:
-            await self._run(submit.discard, self.db, prepared)
             return "451 4.3.0 Could not queue the message; try again later"
         if self.on_queued:
             self.on_queued()

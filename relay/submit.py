@@ -78,12 +78,25 @@ def ensure_message_id(data: bytes, domain: str) -> tuple[bytes, str]:
 
 @dataclass
 class Prepared:
-    """A checked, recorded and rendered message whose copies still have to be queued."""
+    """A checked and planned message; :func:`record` and :func:`render` turn it into copies.
+
+    ``prepare`` runs per message (reads only, plus the ingest hand-offs); ``record`` and
+    ``render`` run in the group committer for every message of a batch at once, so the
+    accept path takes the database's write lock once per batch, not once per message.
+    """
 
     result: Result
-    copies: list[outbox.Copy]
-    email_created: bool
-    delivery_ids: list[int]
+    email: dict  # the emails row to record
+    groups: list[list[str]]  # recipients of each external copy
+    shared: bool
+    plan: object | None  # rewrite.plan(...) when the copies are tracked
+    data: bytes
+    mail_from: str
+    user_id: int
+    email_created: bool = False
+    delivery_ids: list[int] = field(default_factory=list)
+    copies: list[outbox.Copy] = field(default_factory=list)
+    render_error: str | None = None
 
 
 def process(
@@ -96,7 +109,10 @@ def process(
 ) -> Result:
     """Check, decide, record, rewrite and queue one submitted message (durable on return)."""
     prepared = prepare(settings, db, user, mail_from, rcpts, data)
+    with transaction(db):
+        record(db, prepared)
     try:
+        render(settings, db, prepared)
         prepared.result.outbox_ids = outbox.enqueue_copies(settings, db, prepared.copies)
     except BaseException:
         discard(db, prepared)
@@ -112,12 +128,8 @@ def prepare(
     rcpts: list[str],
     data: bytes,
 ) -> Prepared:
-    """Everything before queueing: check, decide, record rows, render the copies.
-
-    The rows (email, deliveries, links) are committed here without waiting for the disk;
-    the durable commit of the outbox rows that follows makes them durable too (the WAL
-    is one file, synced up to that commit). If queueing then fails, :func:`discard`.
-    """
+    """Check, decide and plan one message. Only reads the database: the rows are written by
+    :func:`record`, the copies made (and the ingest hand-offs) by :func:`render`."""
     check_from(db, user, data)
     data, control = rewrite.split_control_headers(data)
     data, message_id = ensure_message_id(data, settings.general.domain)
@@ -164,54 +176,58 @@ def prepare(
             error = f"rewrite: {type(exc).__name__}: {exc}"
             decision.track_opens = decision.track_clicks = False
             decision.reason = "rewrite-failed: " + error
-    to_addrs = [a for _, a in addresses.parse_list(*(head.get_all("To") or []))]
-    cc_addrs = [a for _, a in addresses.parse_list(*(head.get_all("Cc") or []))]
-    subject = _decoded_header(head.get("Subject"))
     shared = not settings.relay.per_recipient
     groups = ([external] if shared else [[r] for r in external]) if external else []
-    with transaction(db):  # one commit for the email, its deliveries and its links
-        email_id, created, delivery_ids = _record(
-            db,
-            groups,
-            shared,
-            **dict(
-                message_key=key,
-                message_id=message_id,
-                user_id=user["id"],
-                from_addr=addresses.parse_list(*(head.get_all("From") or []))[0][1],
-                to_addrs=to_addrs,
-                cc_addrs=cc_addrs,
-                subject=subject,
-                track_opens=decision.track_opens,
-                track_clicks=decision.track_clicks,
-                untracked_reason=decision.reason,
-                rewrite_error=error,
-            ),
-        )
-        if plan is not None:
-            sent.add_links(db, email_id, plan.tracked_links)
-    prepared = Prepared(
-        Result(email_id, [], decision, error, local, own, external), [], created, delivery_ids
+    email = dict(
+        message_key=key,
+        message_id=message_id,
+        user_id=user["id"],
+        from_addr=addresses.parse_list(*(head.get_all("From") or []))[0][1],
+        to_addrs=[a for _, a in addresses.parse_list(*(head.get_all("To") or []))],
+        cc_addrs=[a for _, a in addresses.parse_list(*(head.get_all("Cc") or []))],
+        subject=_decoded_header(head.get("Subject")),
+        track_opens=decision.track_opens,
+        track_clicks=decision.track_clicks,
+        untracked_reason=decision.reason,
+        rewrite_error=error,
     )
-    try:
-        _finish(settings, db, prepared, plan, mail_from, data, groups, key, user["id"])
-    except BaseException:
-        discard(db, prepared)
-        raise
+    prepared = Prepared(
+        Result(0, [], decision, error, local, own, external),
+        email,
+        groups,
+        shared,
+        plan,
+        data,
+        mail_from,
+        user["id"],
+    )
     return prepared
 
 
-def _finish(settings, db, prepared: Prepared, plan, mail_from, data, groups, key, user_id):
-    """Render the copies and make the ingest hand-offs (which come before the 250)."""
+def record(db: sqlite_utils.Database, prepared: Prepared) -> None:
+    """Write the email, its deliveries and its links (inside the caller's transaction)."""
+    email_id, created, delivery_ids = _record(
+        db, prepared.groups, prepared.shared, **prepared.email
+    )
+    if prepared.plan is not None:
+        sent.add_links(db, email_id, prepared.plan.tracked_links)
+    prepared.result.email_id = email_id
+    prepared.email_created = created
+    prepared.delivery_ids = delivery_ids
+
+
+def render(settings: config.Settings, db: sqlite_utils.Database, prepared: Prepared) -> None:
+    """Make the copies to queue: one rewritten copy per recipient group, the original to
+    the user's own addresses. A rewriting failure sends the original (and is recorded)."""
     result = prepared.result
     decision = result.decision
-    copies = prepared.copies
-    base = dict(mail_from=mail_from, user_id=user_id, email_id=result.email_id)
+    copies = prepared.copies = []
+    base = dict(mail_from=prepared.mail_from, user_id=prepared.user_id, email_id=result.email_id)
     if result.external:
         rendered: list[bytes] | None = None
-        if plan is not None:
+        if prepared.plan is not None:
             try:
-                rendered = _render_copies(settings, plan, prepared.delivery_ids)
+                rendered = _render_copies(settings, prepared.plan, prepared.delivery_ids)
             except Exception as exc:  # fail open
                 error = f"rewrite: {type(exc).__name__}: {exc}"
                 sent.set_rewrite_error(
@@ -221,30 +237,52 @@ def _finish(settings, db, prepared: Prepared, plan, mail_from, data, groups, key
                 decision.reason = "rewrite-failed: " + error
                 result.rewrite_error = error
                 rendered = None
-        for i, (group, delivery_id) in enumerate(zip(groups, prepared.delivery_ids, strict=True)):
-            body = rendered[i] if rendered is not None else data
+        for i, (group, delivery_id) in enumerate(
+            zip(prepared.groups, prepared.delivery_ids, strict=True)
+        ):
+            body = rendered[i] if rendered is not None else prepared.data
             copies.append(
                 outbox.Copy(rcpts=group, data=body, meta={"delivery_ids": [delivery_id]}, **base)
             )
     if result.own:
-        copies.append(outbox.Copy(rcpts=result.own, data=data, meta={"kind": "own"}, **base))
+        copies.append(
+            outbox.Copy(rcpts=result.own, data=prepared.data, meta={"kind": "own"}, **base)
+        )
+    _hand_off(settings, prepared)
 
-    if result.local or (decision.log and result.external):
-        from ingest import spool as ingest_spool
 
-        meta_common = {"user_id": user_id, "message_key": key}
-        if result.local:
-            ingest_spool.submit_local(
-                settings, mail_from, result.local, data, {"via": "relay", **meta_common}
-            )
-        if decision.log and result.external:
-            ingest_spool.submit_local(
-                settings, mail_from, result.external, data, {"source": "relay", **meta_common}
-            )
+def _hand_off(settings: config.Settings, prepared: Prepared) -> None:
+    """Copies for the ingest (logging address, logging sent mail): durable before the 250,
+    after the email row exists (the ingest files the log onto it)."""
+    result = prepared.result
+    log_sent = result.decision.log and result.external
+    if not (result.local or log_sent):
+        return
+    from ingest import spool as ingest_spool
+
+    meta_common = {"user_id": prepared.user_id, "message_key": prepared.email["message_key"]}
+    if result.local:
+        ingest_spool.submit_local(
+            settings,
+            prepared.mail_from,
+            result.local,
+            prepared.data,
+            {"via": "relay", **meta_common},
+        )
+    if log_sent:
+        ingest_spool.submit_local(
+            settings,
+            prepared.mail_from,
+            result.external,
+            prepared.data,
+            {"source": "relay", **meta_common},
+        )
 
 
 def discard(db: sqlite_utils.Database, prepared: Prepared) -> None:
     """Queueing failed (the client hears 4xx and retries): drop the rows made for it."""
+    if not prepared.result.email_id:
+        return
     try:
         sent.discard(
             db,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 
 import aiosmtplib
 import pytest
@@ -144,3 +145,34 @@ def test_process_queues_one_file_for_all_copies(settings, db, alice, rcpts):
     assert len({os.stat(p).st_ino for p in paths}) == 1
     ids = [outbox.read_spool(p)[0]["meta"]["delivery_ids"][0] for p in paths]
     assert ids == [d["id"] for d in sent.deliveries_of(db, result.email_id)]
+
+
+async def test_message_whose_hand_off_fails_fails_alone_in_its_batch(settings, db, alice):
+    """One message of a batch cannot be handed to the ingest (its spool is unusable): that
+    message fails with nothing of it kept; the other message of the batch is queued."""
+    from ingest import spool as ingest_spool
+    from relay import submit
+
+    bcc = settings.ingest.bcc_address
+    assert bcc
+    root = ingest_spool.spool_dir(settings)
+    if root.exists():
+        shutil.rmtree(root)
+    root.write_bytes(b"not a directory")
+    logged = html_message("<p>hi</p>", to="carol@client.test")
+    plain = html_message("<p>hello</p>", to="dave@client.test")
+    one = submit.prepare(settings, db, alice, "alice@corp.test", ["carol@client.test", bcc], logged)
+    two = submit.prepare(settings, db, alice, "alice@corp.test", ["dave@client.test"], plain)
+    committer = GroupCommitter(settings)
+    try:
+        first, second = await asyncio.gather(
+            committer.commit(one), committer.commit(two), return_exceptions=True
+        )
+    finally:
+        committer.close()
+    assert isinstance(first, OSError) and len(second) == 1
+    assert committer.batches == 1
+    rows = store_outbox.listing(db)
+    assert [r["rcpts"] for r in rows] == [["dave@client.test"]]
+    deliveries = db.execute("SELECT recipient FROM deliveries").fetchall()
+    assert [d[0] for d in deliveries] == ["dave@client.test"]

@@ -118,14 +118,17 @@ def hrefs_seen(data: bytes) -> int:
     return len({link.url for link in plan.links})
 
 
-def time_ms(fn, data: bytes, runs: int, inner: int) -> dict:
-    values = []
+def time_pair(fn, floor_fn, data: bytes, runs: int, inner: int) -> tuple[dict, dict]:
+    """ms per call of ``fn`` and of the floor, their runs interleaved so that load drift on a
+    shared machine hits both alike."""
+    got, floor = [], []
     for _ in range(runs):
-        t = time.perf_counter()
-        for _ in range(inner):
-            fn(data)
-        values.append((time.perf_counter() - t) * 1000 / inner)
-    return spread(values)
+        for f, values in ((fn, got), (floor_fn, floor)):
+            t = time.perf_counter()
+            for _ in range(inner):
+                f(data)
+            values.append((time.perf_counter() - t) * 1000 / inner)
+    return spread(got), spread(floor)
 
 
 def run(quick: bool) -> list[dict]:
@@ -141,8 +144,7 @@ def run(quick: bool) -> list[dict]:
         assert relay_rewrite(mail) != mail, "rewrite changed nothing"
         assert floor_splice(mail)[1] == links, "the floor did not replace every href"
         assert hrefs_seen(mail) == links, "the rewriter did not see every link"
-        got = time_ms(relay_rewrite, mail, runs, inner)
-        floor = time_ms(regex_floor, mail, runs, inner)
+        got, floor = time_pair(relay_rewrite, regex_floor, mail, runs, inner)
         ratio = got["median"] / floor["median"]
         rows.append(
             {
@@ -167,8 +169,7 @@ def run(quick: bool) -> list[dict]:
             regex_floor(m)
 
     per = len(mails)
-    got = time_ms(all_rw, b"", runs, 1)
-    floor = time_ms(all_floor, b"", runs, 1)
+    got, floor = time_pair(all_rw, all_floor, b"", runs, 1)
     got = {k: (v / per if k != "runs" else v) for k, v in got.items()}
     floor = {k: (v / per if k != "runs" else v) for k, v in floor.items()}
     rows.append(

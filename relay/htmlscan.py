@@ -192,6 +192,7 @@ _TOKEN = rf"""(?P<tok>
   | <(?P<slash>/)?(?P<name>[A-Za-z][^ \t\n\r\f/>]*+){_ATTRS}(?:(?P<gt>>)|\Z)
 )?"""
 _NEXT = re.compile(_SKIP + _TOKEN, re.VERBOSE)
+_GROUPS = tuple(_NEXT.groupindex[g] for g in ("tok", "cond", "slash", "name", "gt"))
 # Inside a conditional comment: every start tag is a token (VML and its <a> twin), raw text
 # is skipped by the loop, conditional comments do not nest.
 _SKIP_MSO = rf"""(?:
@@ -221,7 +222,10 @@ def _attrs(text: str, start: int, end: int) -> list[Attr]:
     """The ``LINK_ATTRS`` among the attributes in ``text[start:end]`` (others are skipped)."""
     out = []
     for m in _ATTR.finditer(text, start, end):
-        name = m.group(1).lower()
+        name = m.group(1)
+        if name[0] not in "hHdD":  # cheap test first: most attributes are style, class, ...
+            continue
+        name = name.lower()
         if name not in LINK_ATTRS:
             continue
         attr = Attr(name, m.start(1), m.end())
@@ -260,12 +264,13 @@ def scan_links(text: str) -> list[Tag | Comment]:
     n = len(text)
     pos = 0
     match = _NEXT.match
+    tok_g, cond_g, slash_g, name_g, gt_g = _GROUPS
     while pos < n:
         m = match(text, pos)
-        if m.start("tok") < 0:
+        i = m.start(tok_g)
+        if i < 0:
             break  # the rest is text, boring markup, or a tag left open
-        i = m.start("tok")
-        if m.start("cond") >= 0:
+        if m.start(cond_g) >= 0:
             cond = _CONDITIONAL.match(text, i)
             close = text.find("-->", i + 4)
             stop = n if close == -1 else close + 3
@@ -274,13 +279,15 @@ def scan_links(text: str) -> list[Tag | Comment]:
             out.extend(_scan_mso(text, cond.end(), inner_end if inner_end != -1 else stop))
             pos = stop
             continue
-        if m.start("gt") < 0:
+        gt = m.start(gt_g)
+        if gt < 0:
             break  # open at the end of the text: a browser drops it and everything after
-        tag = Tag(m.group("name").lower(), i, m.end(), m.start("slash") >= 0)
-        if m.end("name") < m.start("gt"):
-            tag.attrs = _attrs(text, m.end("name"), m.start("gt"))
-        out.append(tag)
         pos = m.end()
+        name_start, name_end = m.span(name_g)
+        tag = Tag(text[name_start:name_end].lower(), i, pos, m.start(slash_g) >= 0)
+        if name_end < gt:
+            tag.attrs = _attrs(text, name_end, gt)
+        out.append(tag)
     return out
 
 

@@ -72,6 +72,7 @@ class LineIndex:
         self.body = body
         self.clean = is_clean(body) if clean is None else clean
         self._cursor = (0, 0)
+        self._crlf_soft = b"=\r\n" in body  # else soft breaks are "=\n": 2 bytes, like "=XX"
         if not self.clean:
             self._lines = lines(body) or [Line(0, 0, False, b"")]
             self._starts = []
@@ -83,7 +84,8 @@ class LineIndex:
 
     def _dlen(self, a: int, b: int) -> int:
         body = self.body
-        return (b - a) - 2 * body.count(b"=", a, b) - body.count(b"=\r\n", a, b)
+        n = (b - a) - 2 * body.count(b"=", a, b)
+        return n - body.count(b"=\r\n", a, b) if self._crlf_soft else n
 
     def locate(self, p: int) -> tuple[int, int, int, int, bool]:
         """(encoded start, encoded end, decoded start, decoded end, ends with a soft break)."""

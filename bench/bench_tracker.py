@@ -1,6 +1,6 @@
 """Tracker: requests/s and p50/p99 for pixel and click hits, every hit recorded, 64 connections,
 against a bare aiohttp endpoint and (when installed) nginx serving the same GIF and redirect,
-all measured in the same run from one separate load-client process.
+all measured in the same run (interleaved) from one separate load-client process.
 
 The tracker runs for real: ``cli.initialise`` settings, a database with a user, 1,000 sent
 emails and 4,000 copies, distinct valid pixel and click tokens, and a mix of user agents
@@ -13,6 +13,7 @@ its answer rate alone is reported beside it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import random
@@ -164,7 +165,8 @@ def make_data(workdir: Path):
 # ---------------------------------------------------------------- servers
 
 
-async def bare_aiohttp(quick: bool, plan: Path, runs: int, total: int, limit: float) -> dict:
+@contextlib.asynccontextmanager
+async def bare_aiohttp():
     """A bare aiohttp endpoint: the GIF for /o/, a 302 for /c/ (the ceiling for aiohttp)."""
     from aiohttp import web
 
@@ -182,13 +184,7 @@ async def bare_aiohttp(quick: bool, plan: Path, runs: int, total: int, limit: fl
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        results = []
-        for _ in range(runs):
-            cpu = time.process_time()
-            r = await load(port, total, limit, plan)
-            r["cpu_us"] = (time.process_time() - cpu) / max(r["n"], 1) * 1e6
-            results.append(r)
-        return summary(results)
+        yield port
     finally:
         await runner.cleanup()
 
@@ -212,25 +208,26 @@ http {{
 """
 
 
-async def nginx(plan: Path, runs: int, total: int, limit: float) -> dict | None:
-    """nginx (one worker) serving the same GIF and redirect: the ceiling of the machine."""
+@contextlib.asynccontextmanager
+async def nginx():
+    """nginx (one worker) serving the same GIF and redirect; yields None when not installed."""
     exe = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else "")
     if not exe:
-        return None
+        yield None
+        return
     with tempfile.TemporaryDirectory(prefix="bench-nginx-") as tmp:
         d = Path(tmp)
         (d / "www").mkdir()
         (d / "tmp").mkdir()
         (d / "www" / "pixel.gif").write_bytes(GIF)
-        d.chmod(0o755)
-        for p in (d / "www", d / "tmp", d / "www" / "pixel.gif"):
+        for p in (d, d / "www", d / "tmp", d / "www" / "pixel.gif"):
             p.chmod(0o755)
         port = free_port()
         (d / "nginx.conf").write_text(NGINX_CONF.format(d=d, port=port))
         proc = subprocess.Popen(
             [exe, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
         )
         try:
             for _ in range(100):
@@ -240,55 +237,68 @@ async def nginx(plan: Path, runs: int, total: int, limit: float) -> dict | None:
                     break
                 except OSError:
                     await asyncio.sleep(0.05)
-            return summary([await load(port, total, limit, plan) for _ in range(runs)])
+            yield port
         finally:
             proc.terminate()
             proc.wait(timeout=10)
 
 
-async def tracker(settings, plan: Path, runs: int, total: int, limit: float) -> tuple[dict, list]:
-    """The real tracker (tracker/service.start); after each run every answered request
-    must be a recorded hit."""
-    import store
+async def timed(port: int, total: int, limit: float, plan: Path) -> dict:
+    """One load run, with this process' CPU per request (meaningful for in-process servers)."""
+    cpu = time.process_time()
+    r = await load(port, total, limit, plan)
+    r["cpu_us"] = (time.process_time() - cpu) / max(r["n"], 1) * 1e6
+    return r
+
+
+async def tracker_run(svc, db, plan: Path, total: int, limit: float) -> tuple[dict, dict]:
+    """One run against the real tracker; every answered request must be a recorded hit."""
     from store import events as store_events
+
+    before = store_events.count_hits(db)
+    cpu = time.process_time()
+    r = await load(svc.port, total, limit, plan)
+    ended = time.monotonic()
+    backlog = svc.writer.pending
+    while svc.writer.pending and time.monotonic() < ended + 120:
+        await asyncio.sleep(0.01)
+    drain = time.monotonic() - ended
+    # CPU of the whole server process (event loop and writer thread) per hit until the last
+    # hit is committed: what the tracker costs, whatever else the machine runs.
+    r["cpu_us"] = (time.process_time() - cpu) / max(r["n"], 1) * 1e6
+    recorded = store_events.count_hits(db) - before
+    # The honest rate: requests answered AND recorded, per second from the first request
+    # until the last hit is committed (a queue still draining when the load stops is not done).
+    r["sustained"] = r["answered"] / (r["seconds"] + drain)
+    if recorded != r["answered"] or r["errors"] or r["answered"] != r["n"]:
+        raise AssertionError(f"tracker lost or failed hits: {r} recorded={recorded}")
+    check = {"answered": r["answered"], "recorded": recorded}
+    check |= {"queued_at_end": backlog, "drain_s": round(drain, 2)}
+    return r, check
+
+
+async def measure(settings, plan: Path, runs: int, total: int, limit: float):
+    """All three servers up at once, runs interleaved (bare, nginx, tracker, bare, ...), so a
+    change in what else the machine runs hits all three alike."""
+    import store
     from tracker import service
 
-    svc = await service.start(settings)
-    db = store.connect(settings.db_path)
-    results, checks = [], []
-    try:
-        for _ in range(runs):
-            before = store_events.count_hits(db)
-            cpu = time.process_time()
-            r = await load(svc.port, total, limit, plan)
-            ended = time.monotonic()
-            backlog = svc.writer.pending
-            while svc.writer.pending and time.monotonic() < ended + 120:
-                await asyncio.sleep(0.01)
-            drain = time.monotonic() - ended
-            # CPU of the whole server process (event loop and writer thread) per hit, until
-            # the last hit is committed: what the tracker costs, whatever else the machine runs
-            r["cpu_us"] = (time.process_time() - cpu) / max(r["n"], 1) * 1e6
-            recorded = store_events.count_hits(db) - before
-            # The honest rate: requests answered AND recorded, per second from the first
-            # request until the last hit is committed (a queue that is still draining
-            # when the load stops does not count as done).
-            r["sustained"] = r["answered"] / (r["seconds"] + drain)
-            checks.append(
-                {
-                    "answered": r["answered"],
-                    "recorded": recorded,
-                    "queued_at_end": backlog,
-                    "drain_s": round(drain, 2),
-                }
-            )
-            if recorded != r["answered"] or r["errors"] or r["answered"] != r["n"]:
-                raise AssertionError(f"tracker lost or failed hits: {r} recorded={recorded}")
-            results.append(r)
-    finally:
-        await svc.stop()
-        db.close()
-    return summary(results), checks
+    bare, ngx, real, checks = [], [], [], []
+    async with bare_aiohttp() as bare_port, nginx() as nginx_port:
+        svc = await service.start(settings)
+        db = store.connect(settings.db_path)
+        try:
+            for _ in range(runs):
+                bare.append(await timed(bare_port, total, limit, plan))
+                if nginx_port:
+                    ngx.append(await load(nginx_port, total, limit, plan))
+                r, check = await tracker_run(svc, db, plan, total, limit)
+                real.append(r)
+                checks.append(check)
+        finally:
+            await svc.stop()
+            db.close()
+    return summary(bare), summary(ngx) if ngx else None, summary(real), checks
 
 
 def run(quick: bool) -> list[dict]:
@@ -296,9 +306,7 @@ def run(quick: bool) -> list[dict]:
     total, limit = (3000, 5.0) if quick else (20000, 20.0)
     with tempfile.TemporaryDirectory(prefix="bench-tracker-") as tmp:
         settings, plan = make_data(Path(tmp))
-        bare = asyncio.run(bare_aiohttp(quick, plan, runs, total, limit))
-        ngx = asyncio.run(nginx(plan, runs, total, limit))
-        real, checks = asyncio.run(tracker(settings, plan, runs, total, limit))
+        bare, ngx, real, checks = asyncio.run(measure(settings, plan, runs, total, limit))
     ratio = real["sustained"]["median"] / bare["rate"]["median"]
     out = [
         row(

@@ -341,7 +341,7 @@ class Worker:
         self._delivered: set[int] = set()  # accepted upstream, its commit still to come
         self._finished: list[Finished] = []
         self._scan: Scan | None = None  # the last complete walk, while it is still valid
-        self._freed = 0  # counts commits that freed recipients (a walk before one is stale)
+        self._freed = 0  # counts moments recipients were freed (a walk before one is stale)
         self._scheduler: asyncio.Task | None = None
         self._committer: asyncio.Task | None = None
         self._slots: list[asyncio.Task] = []
@@ -356,6 +356,7 @@ class Worker:
 
     async def start(self) -> None:
         await self._db(outbox.recover, self.settings, self.db)
+        await self._db(self._drop_sent_spool)
         self._committer = asyncio.create_task(self._commit_loop(), name="relay-commit")
         self._slots = [
             asyncio.create_task(self._slot(), name=f"relay-slot-{n}") for n in range(CONCURRENCY)
@@ -392,6 +393,14 @@ class Worker:
         self.scan_db.close()
         self.io.shutdown(wait=True)
         self.db.close()
+
+    def _drop_sent_spool(self) -> None:
+        """Delete spool files of entries already marked sent: a crash between that commit and
+        the unlink leaves them behind (nothing else would ever remove them)."""
+        root = outbox.spool_dir(self.settings)
+        if root.is_dir():
+            for path in store_outbox.sent_among(self.db, [str(p) for p in root.glob("*.eml")]):
+                outbox.remove_spool(path)
 
     # ------------------------------------------------------------------ scheduling
 

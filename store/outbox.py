@@ -155,6 +155,22 @@ def known_spool_paths(db: sqlite_utils.Database) -> set[str]:
     return {r[0] for r in db.execute("SELECT spool_path FROM outbox").fetchall()}
 
 
+def sent_among(db: sqlite_utils.Database, paths: list[str]) -> list[str]:
+    """Those of ``paths`` whose entry is marked sent (their spool file should be gone)."""
+    found: list[str] = []
+    for i in range(0, len(paths), 500):
+        chunk = paths[i : i + 500]
+        marks = ",".join("?" for _ in chunk)
+        found += [
+            r[0]
+            for r in db.execute(
+                f"SELECT spool_path FROM outbox WHERE status = 'sent' AND spool_path IN ({marks})",
+                chunk,
+            ).fetchall()
+        ]
+    return found
+
+
 def counts(db: sqlite_utils.Database) -> dict[str, int]:
     return {
         r["status"]: r["n"]

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import aiosmtplib
 
@@ -203,5 +204,6 @@ async def test_sigkill_during_a_burst_loses_no_accepted_message(tmp_path):
         f"{len(set(copies) - expected)} copies of unacknowledged attempts"
     )
     leftovers = [p for p in (settings.data_dir / "relay-spool").glob("*.eml")]
-    assert not leftovers, f"{len(leftovers)} spool files left after everything was sent"
+    rows = [r for r in store_outbox.listing(db, ["sent"]) if Path(r["spool_path"]) in leftovers]
+    assert not leftovers, f"{len(leftovers)} spool files left after everything was sent: {rows}"
     db.close()

@@ -55,3 +55,21 @@ def test_choose_takes_the_first_entry_of_each_recipient(db):
     # d1 delivered (its commit still to come): skipped, and no longer holds dave back.
     assert ids(now=now_iso(), inflight={d1}, delivered={d1})[0] == [[both], [f1], [g1]]
     assert e1 and c3
+
+
+async def test_start_removes_spool_files_of_sent_entries(settings, db):
+    """A crash between marking an entry sent and deleting its file leaves the file behind."""
+    import os
+
+    from relay import outbox
+
+    settings.relay.upstream = "maildir:" + str(settings.data_dir / "sink")
+    sent_id = outbox.enqueue(settings, db, "a@x.test", ["b@y.test"], b"Subject: 1\r\n\r\nx\r\n")
+    store_outbox.mark_sent(db, sent_id)
+    failed_id = outbox.enqueue(settings, db, "a@x.test", ["c@y.test"], b"Subject: 2\r\n\r\nx\r\n")
+    store_outbox.mark_failed(db, failed_id, "550")  # kept for `queue retry --failed`
+    worker = delivery.Worker(settings)
+    await worker.start()
+    await worker.stop()
+    assert not os.path.exists(store_outbox.get(db, sent_id)["spool_path"])
+    assert os.path.exists(store_outbox.get(db, failed_id)["spool_path"])

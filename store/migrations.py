@@ -238,6 +238,7 @@ MIGRATIONS: list[Migration] = [
     ("reports_0002_triggers", report_schema.recreate_triggers),
     ("reports_0003_emails_cover", report_schema.EMAILS_COVER),
     ("reports_0004_events_link", report_schema.EVENTS_LINK),
+    ("reports_0005_batch_gate", report_schema.install_batch_gate),
 ]
 
 

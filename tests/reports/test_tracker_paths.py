@@ -59,11 +59,23 @@ def urls_of(msg) -> tuple[str, list[str]]:
     return pixel, re.findall(r'href="([^"]+/c/[^"]+)"', html)
 
 
+async def marked_delivered(db, email_id: int, count: int) -> list[dict]:
+    """The email's deliveries once all ``count`` have delivered_at committed."""
+
+    def done():
+        rows = store_sent.deliveries_of(db, email_id)
+        return len(rows) == count and all(r["delivered_at"] for r in rows) and rows
+
+    return await wait_for(done)
+
+
 async def send_and_wait(settings, db) -> dict:
     await asyncio.to_thread(submit, settings, MAIL, ["bob@acme.test", "carol@acme.test"])
     copies = await wait_for(lambda: len(delivered(settings)) == 2 and delivered(settings))
     email = store_emails.find_email(db, "mid:pricing-1@seller.test")
-    deliveries = {d["recipient"]: d for d in store_sent.deliveries_of(db, email["id"])}
+    # The maildir file appears before the relay commits delivered_at: wait for both.
+    rows = await marked_delivered(db, email["id"], 2)
+    deliveries = {d["recipient"]: d for d in rows}
     # Which delivered copy is whose: its pixel token names the copy (delivery id).
     from tracker.tokens import Signer
 
@@ -75,9 +87,7 @@ async def send_and_wait(settings, db) -> dict:
         rcpt = next(r for r, d in deliveries.items() if d["id"] == token.delivery_id)
         by_rcpt[rcpt] = (pixel, clicks)
     # Hits within tracker.machine_window_seconds of delivery are machines: start after it.
-    delivered_at = max(
-        dt.datetime.fromisoformat(d["delivered_at"] or d["created_at"]) for d in deliveries.values()
-    )
+    delivered_at = max(dt.datetime.fromisoformat(d["delivered_at"]) for d in deliveries.values())
     window = settings.tracker.machine_window_seconds
     remaining = (delivered_at - dt.datetime.now(dt.UTC)).total_seconds() + window + 0.05
     if remaining > 0:
@@ -230,13 +240,10 @@ async def test_privacy_mode_and_shared_copies_are_someone(privacy, settings, db,
     assert len(msgs) == 1
     pixel, _ = urls_of(msgs[0])
     team = store_emails.find_email(db, "mid:pricing-2@seller.test")
-    (copy,) = store_sent.deliveries_of(db, team["id"])
+    (copy,) = await marked_delivered(db, team["id"], 1)
     assert copy["shared"] == 1
     remaining = (
-        (
-            dt.datetime.fromisoformat(copy["delivered_at"] or copy["created_at"])
-            - dt.datetime.now(dt.UTC)
-        ).total_seconds()
+        (dt.datetime.fromisoformat(copy["delivered_at"]) - dt.datetime.now(dt.UTC)).total_seconds()
         + settings.tracker.machine_window_seconds
         + 0.05
     )

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import resource
-import subprocess
-import sys
 import time
 
 import aiosmtplib
@@ -28,7 +26,7 @@ from tests.hardening.ingest_helpers import (
     port_of,
     small_mail,
 )
-from tests.support import wait_for
+from tests.support import hold_lock, wait_for
 
 
 @pytest.fixture
@@ -74,25 +72,11 @@ def logged(db, n) -> list[dict]:
 
 # --- the database locked by another process ---------------------------------------------------
 
-LOCKER = """
-import sqlite3, sys, time
-conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-conn.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
-conn.execute("COMMIT")
-"""
-
 
 async def test_database_locked_for_seconds_accepts_and_logs_everything_after(settings, db):
     svc = await ingest_service.start(settings)
-    locker = subprocess.Popen(
-        [sys.executable, "-c", LOCKER, str(settings.db_path), "4"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    locker = hold_lock(settings.db_path, 4)
     try:
-        assert locker.stdout.readline().strip() == "locked"
         locked_at = time.monotonic()
         rcpt = settings.ingest.bcc_address
 

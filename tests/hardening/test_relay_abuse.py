@@ -13,8 +13,6 @@ import asyncio
 import base64
 import hashlib
 import shutil
-import subprocess
-import sys
 import time
 from contextlib import asynccontextmanager
 
@@ -28,7 +26,7 @@ from relay import service as relay_service
 from store import outbox as store_outbox
 from store import users as store_users
 from tests.relay.conftest import Upstream
-from tests.support import free_port, wait_for
+from tests.support import free_port, hold_lock, wait_for
 
 ALICE_PW, BOB_PW = "correct horse battery", "bobs own password"
 LIMITED = 454
@@ -253,26 +251,10 @@ async def test_spool_write_error_answers_451_and_queues_nothing(tmp_path):
         assert sorted(m[1][0] for m in up.messages[1:]) == ["carol@client.test", "dave@client.test"]
 
 
-LOCKER = r"""
-import sqlite3, sys, time
-conn = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
-conn.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
-conn.execute("COMMIT")
-print("released", flush=True)
-"""
-
-
 async def test_database_locked_by_another_process_loses_no_mail(tmp_path):
     async with running(tmp_path) as (s, port, up, db, svc):
-        locker = subprocess.Popen(
-            [sys.executable, "-c", LOCKER, str(s.db_path), "4"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        locker = hold_lock(s.db_path, 4)
         try:
-            assert locker.stdout.readline().strip() == "locked"
             locked_at = time.monotonic()
 
             async def send(n: int) -> tuple[int, str]:

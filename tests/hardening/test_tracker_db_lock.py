@@ -6,28 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import random
-import subprocess
-import sys
 import time
 
 import aiohttp
 
 from store import events as store_events
-from tests.support import wait_for
+from tests.support import hold_lock, wait_for
 from tests.tracker.conftest import db, sent, settings, tracker  # noqa: F401 (fixtures)
 from tracker import tokens
 
 HOLD_SECONDS = 3.0
-LOCKER = """
-import sqlite3, sys, time
-conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-conn.execute("BEGIN EXCLUSIVE")
-conn.execute("INSERT INTO _migrations (name, applied_at) VALUES ('lock-test', 'now')")
-print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
-conn.execute("ROLLBACK")
-print("released", flush=True)
-"""
 AGENT = "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 lock/{}"
 LINK = "https://pricing.example.com/plans?a=1&b=2#top"
 
@@ -42,14 +30,9 @@ async def test_three_second_exclusive_lock_neither_delays_nor_loses_hits(
     made = sent(recipients=[f"r{i}@acme.example" for i in range(10)], links=[LINK])
     urls = [(tokens.open_url(base, signer, d), 200) for d in made["deliveries"]]
     urls += [(tokens.click_url(base, signer, d, 0, LINK), 302) for d in made["deliveries"]]
-    locker = subprocess.Popen(
-        [sys.executable, "-c", LOCKER, str(settings.db_path), str(HOLD_SECONDS)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    locker = hold_lock(settings.db_path, HOLD_SECONDS)
     answered: list[tuple[str, float, float]] = []  # (user agent, sent at, seconds taken)
     try:
-        assert locker.stdout.readline().strip() == "locked"
         locked_at = time.monotonic()
 
         async def client(n: int) -> None:

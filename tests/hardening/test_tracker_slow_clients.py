@@ -11,10 +11,10 @@ import subprocess
 import sys
 import time
 
-import aiohttp
 import pytest
 
 from tests.hardening.test_http_hostile import raw_get
+from tests.support import wait_healthy
 from tests.tracker.conftest import db, sent, settings  # noqa: F401 (fixtures)
 from tests.tracker.test_process import env_for
 from tracker import tokens
@@ -54,17 +54,7 @@ async def start_tracker(settings, stderr):  # noqa: F811
         stderr=stderr,  # a file: a full pipe would stall the tracker, not the test
         preexec_fn=_systemd_like_limit,
     )
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            try:
-                async with s.get(f"{settings.tracker.base_url}/healthz") as r:
-                    if r.status == 200:
-                        return proc
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
-    proc.kill()
-    raise AssertionError("tracker did not start")
+    return await wait_healthy(settings.tracker.base_url, proc)
 
 
 def open_files(pid: int) -> int:

@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from store import events as store_events
-from tests.support import wait_for
+from tests.support import wait_for, wait_healthy
 from tracker import notify, service, tokens
 
 CHROME = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36"
@@ -37,16 +37,7 @@ async def start_tracker(settings):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    async with aiohttp.ClientSession() as s:
-        for _ in range(300):
-            try:
-                async with s.get(f"{settings.tracker.base_url}/healthz") as r:
-                    if r.status == 200:
-                        return proc
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
-    proc.kill()
-    raise AssertionError("tracker did not start")
+    return await wait_healthy(settings.tracker.base_url, proc)
 
 
 async def test_sigterm_flushes_every_hit(settings, sent, db):

@@ -38,12 +38,26 @@ FULL_ONLY = {"reports"}
 
 
 def bench_reports(quick: bool) -> list[dict]:
-    out = ROOT / "bench" / "reports-results.json"
-    subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_reports.py")], check=True, timeout=3600
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_reports.py")],
+        check=True,
+        timeout=3600,
+        capture_output=True,
+        text=True,
     )
-    data = json.loads(out.read_text())
-    return [row("reports (bench_reports.py)", "s", data, "<= 1 s")]
+    data = json.loads(proc.stdout)
+    (ROOT / "bench" / "reports-results.json").write_text(json.dumps(data, indent=2) + "\n")
+    took = data["cli_report_emails_json_s"]  # median of its runs, CLI start-up included
+    return [
+        row(
+            "reports: `report emails --format json`, 100k emails / 1M events",
+            "s",
+            data,
+            "<= 1 s",
+            took <= 1,
+            seconds=took,
+        )
+    ]
 
 
 def versions() -> dict:

@@ -22,6 +22,7 @@ _URL_TEXT = re.compile(
     re.IGNORECASE,
 )
 _MERGE_TAGS = ("{{", "}}", "{%", "*|", "|*", "%%", "${", "[%", "<%")
+_MERGE_TAG = re.compile("|".join(re.escape(t) for t in _MERGE_TAGS))  # one scan, not nine
 _UNSUBSCRIBE_WORDS = (
     "unsubscribe",
     "unsub",
@@ -96,7 +97,7 @@ def classify(url: str, text: str, ctx: LinkContext, notrack: bool = False) -> tu
         return False, "notrack-marker"
     if not url:
         return False, "empty"
-    if any(t in url for t in _MERGE_TAGS):
+    if _MERGE_TAG.search(url):
         return False, "merge-tag"
     lower = url.lower()
     if lower.startswith("#"):

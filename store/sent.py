@@ -35,11 +35,28 @@ def record_email(
     """The ``emails`` row for a message sent through the relay: (id, created now).
 
     A message sent again with the same Message-ID (a client retrying after a lost 250)
-    reuses its row, as the dedup key is shared with the ingest.
+    reuses its row, as the dedup key is shared with the ingest. A row the ingest made first
+    (the mail was BCC'd or forwarded before it went through the relay) becomes the relay's:
+    the authenticated sender and the tracking decision are what its copies carry now.
     """
     with transaction(db):
         found = find_email(db, message_key)
         if found:
+            if found["source"] != "relay":
+                db.execute(
+                    """UPDATE emails SET source = 'relay', user_id = ?,
+                           attribution = 'relay: authenticated user', track_opens = ?,
+                           track_clicks = ?, untracked_reason = ?, rewrite_error = ?
+                       WHERE id = ?""",
+                    [
+                        user_id,
+                        int(track_opens),
+                        int(track_clicks),
+                        untracked_reason,
+                        rewrite_error,
+                        found["id"],
+                    ],
+                )
             return found["id"], False
         now = now_iso()
         cur = db.execute(

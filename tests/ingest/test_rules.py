@@ -428,6 +428,35 @@ async def test_relay_sent_then_bcc_is_one_email(ingest, db, alice, settings):
     assert set(contacts_of(db, e["email_id"])) == {"bob@customer.com"}
 
 
+async def test_bcc_logged_then_sent_through_relay_becomes_the_relays(ingest, db, alice, settings):
+    """BCC'd first, then sent through the relay with the same Message-ID: one row, now the
+    relay's (source, user, tracking decision), with the ingest's contacts kept."""
+    from store import emails, sent
+
+    mid = make_msgid(domain="acme.io")
+    e = await deliver(ingest, db, message(message_id=mid))
+    assert store_inbound.email_row(db, e["email_id"])["source"] == "bcc"
+    email_id, created = sent.record_email(
+        db,
+        message_key=emails.message_key(mid, b""),
+        message_id=mid,
+        user_id=alice["id"],
+        from_addr="alice@acme.io",
+        to_addrs=["bob@customer.com"],
+        cc_addrs=[],
+        subject="Proposal",
+        track_opens=True,
+        track_clicks=True,
+        untracked_reason=None,
+    )
+    assert (email_id, created) == (e["email_id"], False)
+    row = store_inbound.email_row(db, email_id)
+    assert row["source"] == "relay" and row["user_id"] == alice["id"]
+    assert row["track_opens"] == 1 and row["track_clicks"] == 1
+    assert set(contacts_of(db, email_id)) == {"bob@customer.com"}
+    assert store_inbound.count_emails(db) == 1
+
+
 async def test_relay_hand_off_files_contacts_on_existing_row(ingest, db, alice, settings):
     """submit_local with meta source=relay: contacts/deals/attachments go on the relay's row,
     attributed to the authenticated user."""

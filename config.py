@@ -60,6 +60,8 @@ class RelaySettings:
     smtp_timeout_seconds: float = 300.0
     auth_max_failures: int = 5
     auth_window_seconds: float = 300.0
+    auth_cache_seconds: float = 120.0
+    delivery_connections: int = 8
 
 
 @dataclass
@@ -241,6 +243,7 @@ def _validate(s: Settings) -> None:
     for key, value in (
         ("relay.max_message_size", s.relay.max_message_size),
         ("relay.max_recipients", s.relay.max_recipients),
+        ("relay.delivery_connections", s.relay.delivery_connections),
         ("ingest.max_message_size", s.ingest.max_message_size),
     ):
         if value <= 0:

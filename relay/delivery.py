@@ -8,8 +8,8 @@ network error retries after ``relay.retry_schedule`` (the last delay repeats) un
 is removed from disk only after it is marked sent, so a restart resumes every entry: a
 crash between the upstream's 250 and that commit delivers the entry again (at least once).
 
-Speed without losing order: ``CONCURRENCY`` slots each keep one upstream connection open
-and send entry after entry over it; the outcomes of whatever finished meanwhile are
+Speed without losing order: ``relay.delivery_connections`` slots (8) each keep one upstream
+connection open and send entry after entry over it; the outcomes of whatever finished meanwhile are
 committed together (one fsync for many entries, as the tracker's writer does). Each
 recipient's mail leaves in the order it was accepted: an entry is only handed to a slot
 when no earlier active entry (pending, retrying or in flight) shares one of its recipients,
@@ -41,7 +41,7 @@ from store import sent
 from store.sql import transaction
 
 log = logging.getLogger("mailtally.relay.delivery")
-CONCURRENCY = 8  # upstream connections (slots) delivering at once
+CONCURRENCY = 8  # default upstream connections (slots): relay.delivery_connections
 AHEAD = 4  # entries per slot handed out ahead (in flight or waiting for the commit)
 IDLE_CLOSE = 5.0  # seconds a slot keeps an unused upstream connection open
 QUIT_ON_STOP = 2.0  # seconds to wait for the upstream's answer to QUIT when stopping
@@ -317,7 +317,7 @@ class Plan:
 
 
 class Worker:
-    """Runs in the relay's event loop: one scheduler, CONCURRENCY delivery slots, one committer.
+    """Runs in the relay's event loop: one scheduler, relay.delivery_connections slots, one committer.
 
     Database work goes to one thread of its own (``executor``); spool reads and maildir
     writes to ``io``.
@@ -326,7 +326,8 @@ class Worker:
     def __init__(self, settings: config.Settings) -> None:
         self.settings = settings
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-delivery")
-        self.io = ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="relay-io")
+        self.slots = settings.relay.delivery_connections
+        self.io = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="relay-io")
         self.db = store.connect(settings.db_path)
         # Choosing what to send reads on a connection and thread of its own (WAL: readers
         # never wait for a writer), so the next message to a recipient need not wait for
@@ -359,7 +360,7 @@ class Worker:
         await self._db(self._drop_sent_spool)
         self._committer = asyncio.create_task(self._commit_loop(), name="relay-commit")
         self._slots = [
-            asyncio.create_task(self._slot(), name=f"relay-slot-{n}") for n in range(CONCURRENCY)
+            asyncio.create_task(self._slot(), name=f"relay-slot-{n}") for n in range(self.slots)
         ]
         self._scheduler = asyncio.create_task(self._schedule(), name="relay-delivery")
 
@@ -407,7 +408,7 @@ class Worker:
     async def _schedule(self) -> None:
         while not self._stopping:
             self._wake.clear()
-            want = CONCURRENCY * AHEAD - len(self._inflight) - len(self._delivered)
+            want = self.slots * AHEAD - len(self._inflight) - len(self._delivered)
             if want > 0:
                 busy = set().union(*self._inflight.values())
                 handed_out = set(self._inflight) | self._delivered

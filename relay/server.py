@@ -123,7 +123,7 @@ class Handler:
         self.limiter = authguard.FailureLimiter(
             settings.relay.auth_max_failures, settings.relay.auth_window_seconds
         )
-        self.verified = authguard.VerifiedCache()
+        self.verified = authguard.VerifiedCache(settings.relay.auth_cache_seconds)
         self.on_queued = on_queued
 
     def close(self) -> None:

@@ -209,6 +209,24 @@ _ONE = """1,
     NEW.kind = 'click' AND NEW.verdict = 'self'"""
 
 
+# How a row of new counts is added to an existing summary row (the per-event trigger and
+# the tracker's per-batch fold both upsert with it; only ``hits`` differs between them).
+_ADD_COUNTS = """opens = opens + excluded.opens,
+    clicks = clicks + excluded.clicks,
+    first_open_at = CASE WHEN first_open_at IS NULL OR excluded.first_open_at < first_open_at
+                         THEN coalesce(excluded.first_open_at, first_open_at)
+                         ELSE first_open_at END,
+    last_open_at = CASE WHEN last_open_at IS NULL OR excluded.last_open_at > last_open_at
+                        THEN coalesce(excluded.last_open_at, last_open_at)
+                        ELSE last_open_at END,
+    inferred_opens = inferred_opens + excluded.inferred_opens,
+    replies = replies + excluded.replies,
+    machine_opens = machine_opens + excluded.machine_opens,
+    machine_clicks = machine_clicks + excluded.machine_clicks,
+    self_opens = self_opens + excluded.self_opens,
+    self_clicks = self_clicks + excluded.self_clicks"""
+
+
 def _insert_event() -> list[str]:
     """The incremental path for a new event (the tracker's hot path): one upsert."""
     x, t = _EMAIL.format(e="NEW"), _TARGET.format(e="NEW")
@@ -217,22 +235,7 @@ def _insert_event() -> list[str]:
             SELECT {x}, {t}, {_ONE} WHERE {x} IS NOT NULL
             ON CONFLICT (email_id, target) DO UPDATE SET
                 hits = hits + 1,
-                opens = opens + excluded.opens,
-                clicks = clicks + excluded.clicks,
-                first_open_at = CASE WHEN first_open_at IS NULL
-                                       OR excluded.first_open_at < first_open_at
-                                     THEN coalesce(excluded.first_open_at, first_open_at)
-                                     ELSE first_open_at END,
-                last_open_at = CASE WHEN last_open_at IS NULL
-                                      OR excluded.last_open_at > last_open_at
-                                    THEN coalesce(excluded.last_open_at, last_open_at)
-                                    ELSE last_open_at END,
-                inferred_opens = inferred_opens + excluded.inferred_opens,
-                replies = replies + excluded.replies,
-                machine_opens = machine_opens + excluded.machine_opens,
-                machine_clicks = machine_clicks + excluded.machine_clicks,
-                self_opens = self_opens + excluded.self_opens,
-                self_clicks = self_clicks + excluded.self_clicks"""
+                {_ADD_COUNTS}"""
     ]
 
 
@@ -395,20 +398,7 @@ _FOLD_PEOPLE = f"""INSERT INTO report_people (email_id, target, {_STAT_COLUMNS})
     FROM events ev WHERE ev.id >= :from AND x IS NOT NULL GROUP BY x, t
     ON CONFLICT (email_id, target) DO UPDATE SET
         hits = hits + excluded.hits,
-        opens = opens + excluded.opens,
-        clicks = clicks + excluded.clicks,
-        first_open_at = CASE WHEN first_open_at IS NULL OR excluded.first_open_at < first_open_at
-                             THEN coalesce(excluded.first_open_at, first_open_at)
-                             ELSE first_open_at END,
-        last_open_at = CASE WHEN last_open_at IS NULL OR excluded.last_open_at > last_open_at
-                            THEN coalesce(excluded.last_open_at, last_open_at)
-                            ELSE last_open_at END,
-        inferred_opens = inferred_opens + excluded.inferred_opens,
-        replies = replies + excluded.replies,
-        machine_opens = machine_opens + excluded.machine_opens,
-        machine_clicks = machine_clicks + excluded.machine_clicks,
-        self_opens = self_opens + excluded.self_opens,
-        self_clicks = self_clicks + excluded.self_clicks"""
+        {_ADD_COUNTS}"""
 _FOLD_REASONS = f"""INSERT INTO report_reasons (email_id, target, verdict, reason, n)
     SELECT {_EMAIL.format(e="ev")} AS x, {_TARGET.format(e="ev")} AS t, ev.verdict, ev.reason,
            count(*)

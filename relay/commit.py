@@ -23,8 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import config
 import store
 from relay import outbox, submit
-from store import outbox as store_outbox
-from store import outbox_batch, spoolfile
+from store import outbox_batch
 from store.sql import transaction
 
 log = logging.getLogger("mailtally.relay.commit")
@@ -89,7 +88,6 @@ class GroupCommitter:
         """
         messages = [j for j in jobs if isinstance(j, submit.Prepared)]
         failed: dict[int, Exception] = {}
-        paths: list = []
         try:
             if messages:
                 outbox_batch.durable(self.db, False)  # made durable by the commit below
@@ -108,18 +106,11 @@ class GroupCommitter:
                 for i, j in enumerate(jobs)
             ]
             copies = [c for cs in per_job for c in cs]
-            ids: list[int] = []
-            if copies:
-                root = outbox.spool_dir(self.settings)
-                paths = outbox.write_batch(root, copies)
-                spoolfile.fsync_dir(root)
-                outbox_batch.durable(self.db, True)
-                ids = store_outbox.add(self.db, outbox.rows_for(copies, paths))
+            # One file, one directory fsync, one durable commit; its names go if that fails.
+            ids = outbox.enqueue_copies(self.settings, self.db, copies)
         except BaseException:
             if self.db.conn.in_transaction:  # a failed COMMIT can leave it open
                 self.db.conn.rollback()
-            for p in paths:
-                outbox.remove_spool(p)
             for m in messages:
                 submit.discard(self.db, m)
             raise

@@ -21,7 +21,6 @@ from relay import mime, outbox, rewrite
 from relay.links import LinkContext
 from store import addresses, emails, sent
 from store import users as store_users
-from store.sql import transaction
 from tracker import tokens
 
 
@@ -97,27 +96,6 @@ class Prepared:
     delivery_ids: list[int] = field(default_factory=list)
     copies: list[outbox.Copy] = field(default_factory=list)
     render_error: str | None = None
-
-
-def process(
-    settings: config.Settings,
-    db: sqlite_utils.Database,
-    user: dict,
-    mail_from: str,
-    rcpts: list[str],
-    data: bytes,
-) -> Result:
-    """Check, decide, record, rewrite and queue one submitted message (durable on return)."""
-    prepared = prepare(settings, db, user, mail_from, rcpts, data)
-    with transaction(db):
-        record(db, prepared)
-    try:
-        render(settings, db, prepared)
-        prepared.result.outbox_ids = outbox.enqueue_copies(settings, db, prepared.copies)
-    except BaseException:
-        discard(db, prepared)
-        raise
-    return prepared.result
 
 
 def prepare(

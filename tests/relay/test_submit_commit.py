@@ -134,17 +134,22 @@ async def test_concurrent_clients_all_queued_and_delivered_as_rendered(settings,
 
 
 @pytest.mark.parametrize("rcpts", [1, 3])
-def test_process_queues_one_file_for_all_copies(settings, db, alice, rcpts):
+async def test_message_queues_one_file_for_all_copies(settings, db, alice, rcpts):
     from relay import submit
 
     to = [f"r{i}@client.test" for i in range(rcpts)]
     msg = html_message('<a href="https://example.com/">go</a>', to=", ".join(to))
-    result = submit.process(settings, db, alice, "alice@corp.test", to, msg)
-    paths = [store_outbox.get(db, i)["spool_path"] for i in result.outbox_ids]
+    prepared = submit.prepare(settings, db, alice, "alice@corp.test", to, msg)
+    committer = GroupCommitter(settings)
+    try:
+        outbox_ids = await committer.commit(prepared)
+    finally:
+        committer.close()
+    paths = [store_outbox.get(db, i)["spool_path"] for i in outbox_ids]
     assert len(paths) == rcpts
     assert len({os.stat(p).st_ino for p in paths}) == 1
     ids = [outbox.read_spool(p)[0]["meta"]["delivery_ids"][0] for p in paths]
-    assert ids == [d["id"] for d in sent.deliveries_of(db, result.email_id)]
+    assert ids == [d["id"] for d in sent.deliveries_of(db, prepared.result.email_id)]
 
 
 async def test_message_whose_hand_off_fails_fails_alone_in_its_batch(settings, db, alice):

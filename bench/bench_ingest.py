@@ -20,7 +20,7 @@ import time
 from email.message import EmailMessage
 from pathlib import Path
 
-from common import free_port, row, spread, template
+from common import free_port, row, run_script, spread, template
 
 SENDER = "seller@corp.example"
 TO = ["ann@customer-a.example", "bob@customer-b.example", "cid@customer-c.example"]
@@ -75,30 +75,11 @@ def bench_mail(size: int = 60_000) -> bytes:
     return msg.as_bytes()
 
 
-async def run_client(port: int, conc: int, total: int, limit: float, path: str, rcpt: str):
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CLIENT,
-        "127.0.0.1",
-        str(port),
-        str(conc),
-        str(total),
-        str(limit),
-        path,
-        SENDER,
-        rcpt,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+async def load(port: int, total: int, limit: float, path: str, rcpt: str) -> dict:
+    """Send ``total`` copies of the mail at ``path`` from the separate client process."""
+    return await run_script(
+        CLIENT, "127.0.0.1", port, 16, total, limit, path, SENDER, rcpt, timeout=300
     )
-    return proc
-
-
-async def finish(proc) -> dict:
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=300)
-    if proc.returncode:
-        raise RuntimeError(f"load client failed: {err.decode()[-500:]}")
-    return json.loads(out)
 
 
 class Baseline:
@@ -115,9 +96,7 @@ class Baseline:
         self.ctl = Controller(Discard(), hostname="127.0.0.1", port=self.port)
 
     async def run(self, path: str, total: int, limit: float) -> dict:
-        return await finish(
-            await run_client(self.port, 16, total, limit, path, "bcc@discard.example")
-        )
+        return await load(self.port, total, limit, path, "bcc@discard.example")
 
 
 async def ingest_run(path: str, total: int, limit: float) -> dict:
@@ -142,8 +121,7 @@ async def ingest_run(path: str, total: int, limit: float) -> dict:
 
     try:
         t = time.perf_counter()
-        proc = await run_client(port, 16, total, limit, path, s.ingest.bcc_address)
-        client = await finish(proc)
+        client = await load(port, total, limit, path, s.ingest.bcc_address)
         n = client["n"] - client["refused"]
         deadline = time.monotonic() + 300
         while logged() < n:

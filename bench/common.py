@@ -132,19 +132,31 @@ asyncio.run(main())
 """
 
 
-async def run_client(*args) -> dict:
+async def run_script(script: str, *args, timeout: float = 120) -> dict:
+    """Run a load-client ``script`` in its own Python process with ``args`` (as strings) and
+    return the JSON it prints; bounded by ``timeout`` seconds."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        CLIENT,
+        script,
         *map(str, args),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
     if proc.returncode:
         raise RuntimeError(f"load client failed: {err.decode()[-500:]}")
     return json.loads(out)
+
+
+async def run_client(*args) -> dict:
+    """The shared load client (``CLIENT``) with ``args``: kind host port conc total ..."""
+    return await run_script(CLIENT, *args)
 
 
 async def repeated(runs: int, *args) -> dict:

@@ -407,14 +407,6 @@ _FOLD_REASONS = f"""INSERT INTO report_reasons (email_id, target, verdict, reaso
     ON CONFLICT (email_id, target, verdict, reason) DO UPDATE SET n = n + excluded.n"""
 
 
-def batching_available(db: sqlite_utils.Database) -> bool:
-    """Whether this database's insert triggers know the batch gate (``report_batch``)."""
-    found = db.execute(
-        "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = 'reports_events_insert'"
-    ).fetchone()
-    return bool(found) and "report_batch" in found[0]
-
-
 def begin_batch(db: sqlite_utils.Database) -> None:
     """Inside the caller's write transaction: stop the per-event insert triggers for it.
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 import sqlite_utils
 
 from store.db import now_iso
-from store.sql import row, rows, transaction
+from store.sql import rows, transaction
 
 _CONTEXT = """SELECT d.id AS delivery_id, d.email_id, d.recipient, d.contact_id, d.shared,
                   d.delivered_at, d.created_at, e.user_id, e.subject, e.track_opens,
@@ -55,13 +55,6 @@ def copy_contexts(db: sqlite_utils.Database, delivery_ids: Iterable[int]) -> dic
     return out
 
 
-def link_id(db: sqlite_utils.Database, email_id: int, position: int) -> dict | None:
-    """The stored link at ``position`` of an email (id and url), or None."""
-    return row(
-        db, "SELECT id, url FROM links WHERE email_id = ? AND position = ?", [email_id, position]
-    )
-
-
 def link_ids(db: sqlite_utils.Database, email_ids: Iterable[int]) -> dict[tuple[int, int], int]:
     """The link ids of many emails, by (email id, position)."""
     out: dict[tuple[int, int], int] = {}
@@ -74,15 +67,11 @@ def link_ids(db: sqlite_utils.Database, email_ids: Iterable[int]) -> dict[tuple[
     return out
 
 
-def recent_hits(db: sqlite_utils.Database, delivery_id: int, since: str) -> list[dict]:
-    """The copy's non-inferred open/click events at or after ``since``, oldest first."""
-    return recent_hits_of(db, [delivery_id], since).get(delivery_id, [])
-
-
 def recent_hits_of(
     db: sqlite_utils.Database, delivery_ids: Iterable[int], since: str
 ) -> dict[int, list[dict]]:
-    """:func:`recent_hits` of many copies at once, by copy (each list oldest first)."""
+    """Each copy's non-inferred open/click events at or after ``since``, by copy (each list
+    oldest first; copies without any are missing)."""
     out: dict[int, list[dict]] = {}
     for chunk in _chunks(delivery_ids):
         sql = _RECENT.format(marks=",".join("?" * len(chunk)))
@@ -91,13 +80,9 @@ def recent_hits_of(
     return out
 
 
-def human_open_count(db: sqlite_utils.Database, delivery_id: int) -> int:
-    """How many human opens (inferred included) the copy has: for "2nd open"."""
-    return human_open_counts(db, [delivery_id]).get(delivery_id, 0)
-
-
 def human_open_counts(db: sqlite_utils.Database, delivery_ids: Iterable[int]) -> dict[int, int]:
-    """:func:`human_open_count` of many copies at once (copies without one are missing)."""
+    """How many human opens (inferred included) each copy has, for "2nd open" (copies
+    without one are missing)."""
     out: dict[int, int] = {}
     for chunk in _chunks(delivery_ids):
         marks = ",".join("?" * len(chunk))

@@ -153,8 +153,7 @@ class BatchWriter:
     # --- writer thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        db = store.connect(self.settings.db_path)
-        self._fold = report_schema.batching_available(db)
+        db = store.connect(self.settings.db_path)  # migrated: the batch gate is installed
         try:
             stop = False
             while not stop:
@@ -229,16 +228,14 @@ class BatchWriter:
         notices: list[dict] = []
         queued = 0
         with store.sql.transaction(db):
-            if self._fold:  # summaries per batch, not per event (see report_schema)
-                report_schema.begin_batch(db)
+            report_schema.begin_batch(db)  # summaries per batch, not per event
             batch = _Batch(db, hits, self.rules.lookback_seconds)
             for hit in hits:
                 notices += self._record(db, hit, batch)
             batch.flush()
             for notice in notices:
                 queued += self._queue_webhooks(db, notice, batch)
-            if self._fold:
-                report_schema.end_batch(db)
+            report_schema.end_batch(db)
         now = time.time()
         while self._ips and next(iter(self._ips.values()))[1] < now - 120:
             self._ips.popitem(last=False)

@@ -109,6 +109,10 @@ class BatchWriter:
         self.batches = 0
         self.backlog_limit = BACKLOG_LIMIT
         self.spool_path = settings.data_dir / SPOOL_NAME
+        # The configured webhooks every notice may go to (settings are fixed while running).
+        self._global_webhooks: list[tuple[int | None, str, bool]] = [
+            (None, url, settings.webhooks.all_hits) for url in settings.webhooks.urls
+        ]
 
     # --- producer side ----------------------------------------------------------------------
 
@@ -387,10 +391,7 @@ class BatchWriter:
         if not notice.get("user_id"):
             return 0
         wanted_everything = notice["type"] == "relabel" and notice["previous_verdict"] == "human"
-        targets = [
-            (None, url, self.settings.webhooks.all_hits) for url in self.settings.webhooks.urls
-        ]
-        targets += batch.webhooks(notice["user_id"])
+        targets = self._global_webhooks + batch.webhooks(notice["user_id"])
         targets = [t for t in targets if notice["verdict"] == "human" or t[2] or wanted_everything]
         if not targets:
             return 0

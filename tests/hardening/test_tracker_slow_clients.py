@@ -8,7 +8,6 @@ import asyncio
 import os
 import resource
 import subprocess
-import sys
 import time
 
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from tests.hardening.test_http_hostile import raw_get
 from tests.support import wait_healthy
 from tests.tracker.conftest import db, sent, settings  # noqa: F401 (fixtures)
-from tests.tracker.test_process import env_for
+from tests.tracker.test_process import run_cli
 from tracker import tokens
 
 SLOW = 2000
@@ -44,12 +43,9 @@ def many_files():
 
 
 async def start_tracker(settings, stderr):  # noqa: F811
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cli",
+    proc = await run_cli(
+        settings,
         "tracker",
-        env=env_for(settings),
         stdout=subprocess.DEVNULL,
         stderr=stderr,  # a file: a full pipe would stall the tracker, not the test
         preexec_fn=_systemd_like_limit,

@@ -27,16 +27,18 @@ def env_for(settings):
     return env
 
 
-async def start_tracker(settings):
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cli",
-        "tracker",
-        env=env_for(settings),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+async def run_cli(settings, *args: str, **options) -> asyncio.subprocess.Process:
+    """`python -m cli <args>` with the test's settings (stdout and stderr piped unless
+    ``options`` say otherwise)."""
+    options.setdefault("stdout", subprocess.PIPE)
+    options.setdefault("stderr", subprocess.PIPE)
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", *args, env=env_for(settings), **options
     )
+
+
+async def start_tracker(settings):
+    proc = await run_cli(settings, "tracker")
     return await wait_healthy(settings.tracker.base_url, proc)
 
 
@@ -67,17 +69,7 @@ async def test_watch_prints_one_line_per_event(settings, sent, db):
     made = sent(links=("https://pricing.example.com/plans?x=1",))
     signer = tokens.Signer(settings.tracker.secrets)
     proc = await start_tracker(settings)
-    watcher = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cli",
-        "watch",
-        "--user",
-        "alice@seller.example",
-        env=env_for(settings),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    watcher = await run_cli(settings, "watch", "--user", "alice@seller.example")
     try:
         await asyncio.wait_for(watcher.stderr.readline(), 20)  # "Watching..."
         await asyncio.sleep(0.5)  # let it subscribe

@@ -486,7 +486,7 @@ class OwnTransaction(Exception):
     ``mail.cleanup()``.
     """
 
-    def __init__(self, inbound: Inbound, mail: ParsedMail | None = None, plan: dict | None = None):
+    def __init__(self, inbound: Inbound, mail: ParsedMail, plan: dict):
         super().__init__(inbound.spool_id or "")
         self.inbound, self.mail, self.plan = inbound, mail, plan
 

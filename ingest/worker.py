@@ -43,7 +43,6 @@ class Worker:
         self._stopping = threading.Event()
         self._db = None
         self._os_errors: dict[str, int] = {}
-        self.processed = 0
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -94,10 +93,6 @@ class Worker:
             paths = paths[taken:]
         return done
 
-    def process_path(self, path) -> bool:
-        """Process one entry on its own (its own commit)."""
-        return self.process_batch([path])[1] == 1
-
     def process_batch(self, paths: list) -> tuple[int, int]:
         """File up to ``len(paths)`` entries in ONE transaction; return (taken, filed).
 
@@ -140,7 +135,7 @@ class Worker:
         except BaseException as exc:
             if db.conn.in_transaction:
                 db.conn.execute("ROLLBACK")
-            if alone is not None and alone.mail is not None:
+            if alone is not None:
                 alone.mail.cleanup()
             if isinstance(exc, sqlite3.OperationalError | OSError):
                 # Locked/busy database or a disk error: every entry stays for the next round.
@@ -149,7 +144,6 @@ class Worker:
             raise
         for entry in finished:
             spool.remove(entry)
-        self.processed += filed
         if alone is not None:
             outcome = self._process_alone(db, alone)
             if outcome is None:
@@ -177,7 +171,6 @@ class Worker:
         finally:
             own.mail.cleanup()
         inbound.path.unlink(missing_ok=True)
-        self.processed += 1
         return 1
 
     def _process_in_batch(self, db, path, sync: list) -> tuple[spool.Entry, int] | None:

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import config
 import store
 from relay import outbox, submit
-from store import outbox_batch
+from store import outbox as store_outbox
 from store.sql import transaction
 
 log = logging.getLogger("mailtally.relay.commit")
@@ -90,7 +90,7 @@ class GroupCommitter:
         failed: dict[int, Exception] = {}
         try:
             if messages:
-                outbox_batch.durable(self.db, False)  # made durable by the commit below
+                store_outbox.durable(self.db, full=False)  # made durable by the commit below
                 with transaction(self.db):
                     for m in messages:
                         submit.record(self.db, m)
@@ -107,6 +107,7 @@ class GroupCommitter:
             ]
             copies = [c for cs in per_job for c in cs]
             # One file, one directory fsync, one durable commit; its names go if that fails.
+            store_outbox.durable(self.db)
             ids = outbox.enqueue_copies(self.settings, self.db, copies)
         except BaseException:
             if self.db.conn.in_transaction:  # a failed COMMIT can leave it open

@@ -133,14 +133,17 @@ def rows_for(copies: list[Copy], paths: list[Path]) -> list[dict]:
 def enqueue_copies(
     settings: config.Settings, db: sqlite_utils.Database, copies: list[Copy]
 ) -> list[int]:
-    """Queue several copies: one fsync'd file, then all rows in one durable commit."""
+    """Queue several copies: one fsync'd file, then all rows in one commit.
+
+    ``db`` is a connection made durable when it was opened (``store.outbox.durable``), so
+    the commit is on disk before the caller acknowledges anything.
+    """
     if not copies:
         return []
     root = spool_dir(settings)
     paths = write_batch(root, copies)
     try:
         spoolfile.fsync_dir(root)
-        store_outbox.durable(db)
         return store_outbox.add(db, rows_for(copies, paths))
     except BaseException:
         for p in paths:
@@ -156,7 +159,7 @@ def enqueue(
     data: bytes,
     user_id: int | None = None,
 ) -> int:
-    """Queue one message for the upstream; durable when this returns. Returns the outbox id.
+    """Queue one message for the upstream (durable on return, on a durable ``db``); its id.
 
     The ingest uses this for delivery-failure notices; the relay's worker delivers it.
     """
@@ -192,7 +195,6 @@ def recover(settings: config.Settings, db: sqlite_utils.Database) -> int:
             }
         )
     if entries:
-        store_outbox.durable(db)
         outbox_batch.add_recovered(db, entries)
     return len(entries)
 

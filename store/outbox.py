@@ -18,9 +18,15 @@ from store.sql import row, rows, transaction
 ACTIVE = ("pending", "retrying")
 
 
-def durable(db: sqlite_utils.Database) -> sqlite_utils.Database:
-    """Make every commit on this connection reach the disk (the relay answers 250 after it)."""
-    db.execute("PRAGMA synchronous=FULL")
+def durable(db: sqlite_utils.Database, full: bool = True) -> sqlite_utils.Database:
+    """Whether later commits on this connection wait for the disk (FULL) or not (NORMAL).
+
+    Set once when a connection that queues or updates outbox rows is opened (SQLite refuses
+    it inside a transaction). The relay's committer switches per batch: its emails commit
+    without waiting, then its outbox rows commit with FULL, whose sync covers the earlier
+    commit too (one WAL file, written in order).
+    """
+    db.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
     return db
 
 

@@ -12,15 +12,6 @@ from store import outbox as store_outbox
 from store.sql import transaction
 
 
-def durable(db: sqlite_utils.Database, on: bool) -> None:
-    """Whether the next commits on ``db`` wait for the disk (FULL) or not (NORMAL).
-
-    The relay's committer records a batch's emails without waiting, then commits its
-    outbox rows durably: that sync covers the earlier commit too (one WAL file, in order).
-    """
-    db.execute(f"PRAGMA synchronous={'FULL' if on else 'NORMAL'}")
-
-
 def _existing(db: sqlite_utils.Database, table: str, ids: set[int]) -> set[int]:
     if not ids:
         return set()

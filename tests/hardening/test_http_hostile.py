@@ -8,6 +8,8 @@ import base64
 import time
 import urllib.parse
 
+import pytest
+
 from tests.tracker.conftest import db, sent, settings, tracker  # noqa: F401 (fixtures)
 from tracker import tokens
 
@@ -55,16 +57,17 @@ def variants(token: str) -> list[str]:
     return [v for v in out if v != token]
 
 
-async def test_tampered_tokens_never_redirect_and_replays_go_to_the_same_place(
-    tracker,  # noqa: F811
-    sent,  # noqa: F811
-    settings,  # noqa: F811
-):
-    _, base, signer = tracker
-    port = port_of(settings)
-    made = sent(links=[TARGET])
-    d = made["deliveries"][0]
-    good = signer.click_token(d, 0, TARGET)
+@pytest.fixture
+def good_click(tracker, sent, settings):  # noqa: F811
+    """A running tracker's port, its signer, a copy of a mail with one link (TARGET) and
+    that link's valid click token: (port, signer, delivery id, token)."""
+    _, _, signer = tracker
+    d = sent(links=[TARGET])["deliveries"][0]
+    return port_of(settings), signer, d, signer.click_token(d, 0, TARGET)
+
+
+async def test_tampered_tokens_never_redirect_and_replays_go_to_the_same_place(good_click):
+    port, signer, d, good = good_click
     for _ in range(5):  # replayed: same answer, same place
         status, headers, _ = await raw_get(port, f"/c/{good}")
         assert status == 302 and headers["location"] == TARGET
@@ -83,15 +86,8 @@ async def test_tampered_tokens_never_redirect_and_replays_go_to_the_same_place(
         assert status == 404 and "location" not in headers, url
 
 
-async def test_paths_never_open_redirect_never_500_never_reflect(
-    tracker,  # noqa: F811
-    sent,  # noqa: F811
-    settings,  # noqa: F811
-):
-    _, base, signer = tracker
-    port = port_of(settings)
-    d = sent(links=[TARGET])["deliveries"][0]
-    good = signer.click_token(d, 0, TARGET)
+async def test_paths_never_open_redirect_never_500_never_reflect(good_click):
+    port, _, _, good = good_click
     paths = [
         "//evil.example",
         "//evil.example/",
@@ -138,15 +134,8 @@ async def test_paths_never_open_redirect_never_500_never_reflect(
                 assert needle not in low, (path, body[:200])
 
 
-async def test_slow_and_idle_connections_do_not_stop_a_normal_request(
-    tracker,  # noqa: F811
-    sent,  # noqa: F811
-    settings,  # noqa: F811
-):
-    _, base, signer = tracker
-    port = port_of(settings)
-    d = sent(links=[TARGET])["deliveries"][0]
-    good = signer.click_token(d, 0, TARGET)
+async def test_slow_and_idle_connections_do_not_stop_a_normal_request(good_click):
+    port, _, _, good = good_click
     conns = []
     try:
         for i in range(300):

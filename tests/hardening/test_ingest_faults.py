@@ -200,8 +200,13 @@ async def test_one_byte_a_second_is_dropped_while_others_are_served(settings, db
     try:
         in_command = await RawSMTP.connect(svc.port)
         in_data = await RawSMTP.connect(svc.port)
-        for line in ("EHLO slow", f"MAIL FROM:<{USER}>", f"RCPT TO:<{rcpt}>", "DATA"):
-            assert await in_data.cmd(line) in (250, 354)
+        for line, code in (
+            ("EHLO slow", 250),
+            (f"MAIL FROM:<{USER}>", 250),
+            (f"RCPT TO:<{rcpt}>", 250),
+            ("DATA", 354),
+        ):
+            assert await in_data.cmd(line) == code, line
         tricklers = asyncio.gather(
             _trickle(in_command, b"EHLO trickling.client.example\r\n"),
             _trickle(in_data, small_mail("trickled") + b"\r\n.\r\n"),

@@ -20,7 +20,7 @@ import time
 from email.message import EmailMessage
 from pathlib import Path
 
-from common import free_port, row, run_script, spread, template
+from common import Discard, free_port, row, run_script, spread, template
 
 SENDER = "seller@corp.example"
 TO = ["ann@customer-a.example", "bob@customer-b.example", "cid@customer-c.example"]
@@ -87,10 +87,6 @@ class Baseline:
 
     def __init__(self) -> None:
         from aiosmtpd.controller import Controller
-
-        class Discard:
-            async def handle_DATA(self, server, session, envelope):
-                return "250 OK"
 
         self.port = free_port()
         self.ctl = Controller(Discard(), hostname="127.0.0.1", port=self.port)

@@ -164,13 +164,16 @@ async def repeated(runs: int, *args) -> dict:
     return {k: spread([r[k] for r in res]) for k in ("rate", "p50_ms", "p99_ms")}
 
 
+class Discard:
+    """aiosmtpd handler that accepts every message and keeps nothing: the baseline server."""
+
+    async def handle_DATA(self, server, session, envelope):
+        return "250 OK"
+
+
 async def smtp_baseline(quick: bool) -> dict:
     """aiosmtpd that accepts and discards: the ceiling for any aiosmtpd-based server."""
     from aiosmtpd.controller import Controller
-
-    class Discard:
-        async def handle_DATA(self, server, session, envelope):
-            return "250 OK"
 
     port = free_port()
     ctl = Controller(Discard(), hostname="127.0.0.1", port=port)

@@ -85,11 +85,8 @@ def _index_of(path: Path) -> int:
     return int(path.name.removesuffix(".eml").rsplit(".", 1)[1])
 
 
-def read_envelope(path: Path | str) -> tuple[dict, int, int]:
-    """(envelope, offset of the copy's bytes in the file, their length or -1 = to the end)."""
-    path = Path(path)
-    with open(path, "rb") as fh:
-        line = fh.readline()
+def _envelope_in(fh, path: Path) -> tuple[dict, int, int]:
+    line = fh.readline()
     head = json.loads(line)
     if "copies" not in head:  # one message per file (older versions)
         return head, len(line), -1
@@ -98,10 +95,18 @@ def read_envelope(path: Path | str) -> tuple[dict, int, int]:
     return entry, len(line) + offset, length
 
 
-def read_spool(path: Path | str) -> tuple[dict, bytes]:
-    """(envelope, message bytes) of one queue entry."""
-    head, offset, length = read_envelope(path)
+def read_envelope(path: Path | str) -> tuple[dict, int, int]:
+    """(envelope, offset of the copy's bytes in the file, their length or -1 = to the end)."""
+    path = Path(path)
     with open(path, "rb") as fh:
+        return _envelope_in(fh, path)
+
+
+def read_spool(path: Path | str) -> tuple[dict, bytes]:
+    """(envelope, message bytes) of one queue entry (one open, one read of the header)."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head, offset, length = _envelope_in(fh, path)
         fh.seek(offset)
         data = fh.read() if length < 0 else fh.read(length)
     if length >= 0 and len(data) != length:

@@ -6,6 +6,8 @@ import email
 import os
 from email import policy
 
+import pytest
+
 from relay import dsn, outbox
 from store import outbox as store_outbox
 
@@ -29,6 +31,24 @@ def test_recover_queues_orphaned_spool_files(settings, db):
     assert outbox.recover(settings, db) == 0
     rows = store_outbox.listing(db)
     assert [r["spool_path"] for r in rows] == [str(path)]
+
+
+def test_read_spool_reads_old_files_and_refuses_truncated_ones(settings, tmp_path):
+    old = tmp_path / "old.eml"  # one message per file, its envelope as the first line
+    old.write_bytes(b'{"mail_from": "a@x.test", "rcpts": ["b@y.test"]}\nX: 1\r\n\r\nold\r\n')
+    head, data = outbox.read_spool(old)
+    assert head["rcpts"] == ["b@y.test"] and data == b"X: 1\r\n\r\nold\r\n"
+    root = outbox.spool_dir(settings)
+    copies = [
+        outbox.Copy("a@x.test", [f"{n}@y.test"], f"X: {n}\r\n\r\n{n}\r\n".encode()) for n in (1, 2)
+    ]
+    first, second = outbox.write_batch(root, copies)
+    assert outbox.read_spool(second) == (outbox.read_envelope(second)[0], copies[1].data)
+    assert outbox.read_spool(second)[0]["rcpts"] == ["2@y.test"]
+    os.truncate(first, os.path.getsize(first) - 1)  # both names are the same file
+    assert outbox.read_spool(first)[1] == copies[0].data
+    with pytest.raises(ValueError, match="truncated"):
+        outbox.read_spool(second)
 
 
 def test_failure_report_is_rfc3464():

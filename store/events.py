@@ -66,6 +66,8 @@ _INSERT_NUMBERED = (
     + ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(_NUMBERED)))
     + " FROM json_each(?) ORDER BY key"
 )
+# Flags stored as 0/1 whatever the caller's event dict holds (missing, None, bool).
+_INFERRED, _ANONYMOUS = _NUMBERED.index("inferred"), _NUMBERED.index("anonymous")
 
 
 def next_event_id(db: sqlite_utils.Database) -> int:
@@ -83,10 +85,10 @@ def insert_numbered(db: sqlite_utils.Database, events: list[dict]) -> None:
     """
     if not events:
         return
-    data = [[e.get("id"), *(e.get(c) for c in COLUMNS)] for e in events]
+    data = [[e.get(c) for c in _NUMBERED] for e in events]
     for values in data:
-        values[2] = int(values[2] or 0)  # inferred
-        values[8] = int(values[8] or 0)  # anonymous
+        values[_INFERRED] = int(values[_INFERRED] or 0)
+        values[_ANONYMOUS] = int(values[_ANONYMOUS] or 0)
     db.execute(_INSERT_NUMBERED, [json.dumps(data)])
 
 

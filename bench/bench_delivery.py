@@ -181,9 +181,9 @@ async def through_outbox(n: int, path: str, rcpts: int = RCPTS) -> float:
 
 
 async def measure(quick: bool) -> tuple[dict, dict, dict, int]:
-    from relay import delivery
+    import config
 
-    conc = getattr(delivery, "CONCURRENCY", 4)
+    conc = config.RelaySettings().delivery_connections  # what the worker in through_outbox uses
     n = 300 if quick else 1000
     runs = 3 if quick else 5
     path = mail_file(1, BENCH_USER)

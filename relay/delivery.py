@@ -41,13 +41,12 @@ from store import sent
 from store.sql import transaction
 
 log = logging.getLogger("mailtally.relay.delivery")
-CONCURRENCY = 8  # default upstream connections (slots): relay.delivery_connections
 AHEAD = 4  # entries per slot handed out ahead (in flight or waiting for the commit)
 IDLE_CLOSE = 5.0  # seconds a slot keeps an unused upstream connection open
 QUIT_ON_STOP = 2.0  # seconds to wait for the upstream's answer to QUIT when stopping
 CHAIN = 16  # entries to the same recipients one slot sends one after another
-PAGE = 256
-RESCAN = 1.0  # seconds a walk of the queue is resumed instead of repeated from the start  # outbox rows read per page when choosing what to send
+PAGE = 256  # outbox rows read per page when choosing what to send
+RESCAN = 1.0  # seconds a walk of the queue is resumed instead of repeated from the start
 
 
 @dataclass

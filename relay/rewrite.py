@@ -156,15 +156,6 @@ def _fold_line(line: bytes, eol: bytes, limit: Callable[[], int]) -> bytes:
     return b"\n".join(out)
 
 
-def _fold(body: bytes, eol: bytes, original: bytes) -> bytes:
-    """Every line of ``body`` folded as ``_fold_line`` does (used for whole-part rewrites)."""
-    lines = body.split(b"\n")
-    if all(len(line) <= MAX_LINE + 1 for line in lines):
-        return body
-    limit = _longest(original)
-    return b"\n".join(_fold_line(line, eol, lambda: limit) for line in lines)
-
-
 def _longest(original: bytes) -> int:
     return max(MAX_LINE, *(len(x.rstrip(b"\r")) for x in original.split(b"\n")))
 

@@ -180,6 +180,7 @@ class _PartTemplate:
     groups: list[_Group]
     tail: bytes
     original: bytes  # the encoded body
+    edits: list[htmlrewrite.Edit]  # in text order: ``render``'s values follow it
     line_len: int = 76  # base64
     _limit: int | None = None
 
@@ -257,7 +258,7 @@ def _template(pp: PartPlan, original: bytes) -> _PartTemplate:
         first = original.lstrip().split(b"\n", 1)[0].rstrip(b"\r")
         pieces = _cut(decoded, spans, 0, len(decoded))
         return _PartTemplate(
-            "base64", eol, [_Group(b"", pieces, 0)], b"", original, len(first) or 76
+            "base64", eol, [_Group(b"", pieces, 0)], b"", original, edits, len(first) or 76
         )
     if pp.encoding == "quoted-printable":
         locate = qp.LineIndex(original, pp.qp_clean).locate
@@ -274,7 +275,7 @@ def _template(pp: PartPlan, original: bytes) -> _PartTemplate:
         pieces = _cut(decoded, spans[i:j], ds, de)
         groups.append(_Group(original[cursor:es], pieces, i, soft))
         cursor = ee
-    return _PartTemplate(pp.encoding, eol, groups, original[cursor:], original)
+    return _PartTemplate(pp.encoding, eol, groups, original[cursor:], original, edits)
 
 
 def _cut(decoded: bytes, spans: list[tuple[int, int]], start: int, end: int) -> list[bytes]:
@@ -432,7 +433,7 @@ def _render_part(pp: PartPlan, template: _PartTemplate | None, click, pixel: str
     if template is not None:
         values = []
         pixel_bytes = None
-        for e in sorted(plan.edits, key=lambda e: (e.start, e.end)):
+        for e in template.edits:  # sorted once, when the template was made
             if e.kind == "click":
                 values.append(view.to_bytes(click(e.position, e.url)))
             elif e.kind == "pixel":

@@ -119,10 +119,12 @@ def assert_only_allowed_edits(html_in: bytes, html_out: bytes, raw: list[bytes])
         cursor = m.end()
     pieces.append(html_out[cursor:])
     back = b"".join(pieces)
+    # 7bit/8bit lines pushed over 998 octets are folded (a CRLF inside a tag, the pixel's
+    # own included): then compare without line breaks.
+    if PIXEL not in back:
+        back, html_in = back.replace(b"\r\n", b""), html_in.replace(b"\r\n", b"")
     assert back.count(PIXEL) == 1
     back = back.replace(PIXEL, b"", 1)
-    # 7bit/8bit lines pushed over 998 octets are folded (a CRLF inside a tag): compare
-    # without line breaks, after checking that nothing else differs in length.
     if back != html_in:
         assert back.replace(b"\r\n", b"") == html_in.replace(b"\r\n", b"")
 
@@ -261,7 +263,8 @@ def test_mutated_whole_messages_rewrite_or_fail_open(path, mutations, cte):
         (pp,) = changed
         body_out = out[pp.part.body_start : len(out) - (len(data) - pp.part.body_end)]
         if pp.encoding == "quoted-printable":
-            html_out, html_in = quopri.decodestring(body_out), pp.decoded
+            # Read as pp.decoded was: quopri (binascii) reads a bare "==" as one "=".
+            html_out, html_in = qp.decode(body_out, clean=False), pp.decoded
         elif pp.encoding == "identity":
             html_out, html_in = body_out, pp.decoded
         else:

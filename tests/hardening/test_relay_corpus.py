@@ -20,13 +20,11 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-import cli
-import store
 from relay import service as relay_service
 from store import outbox as store_outbox
-from store import users as store_users
+from tests.hardening.relay_helpers import db_with_alice, relay_settings
 from tests.relay.conftest import PASSWORD, Upstream
-from tests.support import free_port, wait_for
+from tests.support import wait_for
 
 CORPORA = Path(__file__).resolve().parents[3] / "shared" / "corpora"
 MESSAGES = sorted(p for p in (CORPORA / "eml").rglob("*") if p.suffix in (".eml", ".msg"))
@@ -50,16 +48,10 @@ def with_user_from(data: bytes, index: int) -> bytes:
 
 @pytest.fixture
 async def relay(tmp_path):
-    s = cli.initialise(tmp_path / "data")
-    s.relay.listen = f"127.0.0.1:{free_port()}"
-    s.tracker.base_url = "https://t.example"
-    s.relay.retry_schedule = [1]
-    s.relay.upstream_starttls = False
     up = Upstream()
     await up.start()
-    s.relay.upstream = f"smtp://127.0.0.1:{up.port}"
-    db = store.connect(s.db_path)
-    store_users.add_user(db, "alice@corp.test", "Alice", PASSWORD)
+    s = relay_settings(tmp_path, up.port)
+    db = db_with_alice(s)
     svc = await relay_service.start(s)
     yield s, up, db
     await svc.stop()

@@ -12,12 +12,11 @@ import aiosmtplib
 import pytest
 
 import cli
-import store
 from relay import service as relay_service
 from store import outbox as store_outbox
-from store import users as store_users
+from tests.hardening.relay_helpers import db_with_alice, relay_settings
 from tests.relay.conftest import PASSWORD, Upstream
-from tests.support import free_port, wait_for
+from tests.support import wait_for
 
 RCPTS = ["carol@client.test", "dave@client.test", "erin@other.test"]
 SEQ = re.compile(rb"^Subject: seq (\d+)\r?$", re.M)
@@ -26,15 +25,9 @@ SEQ = re.compile(rb"^Subject: seq (\d+)\r?$", re.M)
 @pytest.fixture
 async def relay_setup(tmp_path):
     """Settings (short retry schedule), a user and an upstream that is NOT started yet."""
-    s = cli.initialise(tmp_path / "data")
-    s.relay.listen = f"127.0.0.1:{free_port()}"
-    s.tracker.base_url = "https://t.example"
-    s.relay.retry_schedule = [1]
     up = Upstream()
-    s.relay.upstream = f"smtp://127.0.0.1:{up.port}"
-    s.relay.upstream_starttls = False
-    db = store.connect(s.db_path)
-    store_users.add_user(db, "alice@corp.test", "Alice", PASSWORD)
+    s = relay_settings(tmp_path, up.port)
+    db = db_with_alice(s)
     yield s, up, db
     if up.server is not None:
         await up.stop()
@@ -75,6 +68,13 @@ def received(up: Upstream) -> dict[str, list[int]]:
     return got
 
 
+async def wait_delivered(up: Upstream, db, sent: dict[str, list[int]]) -> None:
+    """Until the upstream has every copy of ``sent`` and the outbox marks them all sent."""
+    total = sum(map(len, sent.values()))
+    await wait_for(lambda: len(up.messages) >= total, timeout=60)
+    await wait_for(lambda: store_outbox.counts(db).get("sent", 0) == total, timeout=30)
+
+
 def merge(a: dict[str, list[int]], b: dict[str, list[int]]) -> dict[str, list[int]]:
     return {r: a.get(r, []) + b.get(r, []) for r in RCPTS}
 
@@ -90,10 +90,8 @@ async def test_upstream_down_then_up_delivers_everything_once_in_order(relay_set
         sent = merge(sent, await submit_in_order(s, 20, 20))  # more mail while it is down
         retried = store_outbox.listing(db, ["retrying"])
         assert retried and all("Connect" in r["last_error"] for r in retried), retried
-        total = sum(map(len, sent.values()))
         await up.start()
-        await wait_for(lambda: len(up.messages) >= total, timeout=60)
-        await wait_for(lambda: store_outbox.counts(db).get("sent", 0) == total, timeout=30)
+        await wait_delivered(up, db, sent)
     finally:
         await svc.stop()
     got = received(up)
@@ -122,9 +120,7 @@ async def test_upstream_4xx_then_accepting_keeps_order_and_delivers_once(relay_s
         ]  # only carol's first message was tried: the later ones wait behind it
         assert "450" in head["last_error"]
         up.rcpt_replies = {}
-        total = sum(map(len, sent.values()))
-        await wait_for(lambda: len(up.messages) >= total, timeout=60)
-        await wait_for(lambda: store_outbox.counts(db).get("sent", 0) == total, timeout=30)
+        await wait_delivered(up, db, sent)
     finally:
         await svc.stop()
     assert received(up) == sent
@@ -147,9 +143,7 @@ async def test_queue_retry_sends_a_waiting_message_to_the_running_relay(relay_se
             CliRunner().invoke, cli.main, ["--config", str(s.config_path), "queue", "retry"]
         )
         assert result.exit_code == 0, result.output
-        total = sum(map(len, sent.values()))
-        await wait_for(lambda: len(up.messages) >= total, timeout=30)
-        await wait_for(lambda: store_outbox.counts(db).get("sent", 0) == total, timeout=30)
+        await wait_delivered(up, db, sent)
     finally:
         await svc.stop()
     assert received(up) == sent

@@ -73,15 +73,6 @@ class HtmlPlan:
     edits: list[Edit] = field(default_factory=list)
     pixel_at: int | None = None
 
-    @property
-    def tracked(self) -> list[tuple[int, str]]:
-        """(position, original URL) of each tracked link (VML twins share a position)."""
-        seen: dict[int, str] = {}
-        for link in self.links:
-            if link.tracked and link.position is not None:
-                seen.setdefault(link.position, link.url)
-        return sorted(seen.items())
-
     def apply(self, text: str, click: Callable[[int, str], str], pixel: str) -> str:
         """The text with every planned edit spliced in (``click(position, url)`` → new href)."""
         out = []

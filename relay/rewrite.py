@@ -374,6 +374,7 @@ class MessagePlan:
 
     @property
     def tracked_links(self) -> list[tuple[int, str]]:
+        """(position, original URL) of each tracked link (VML twins share a position)."""
         seen: dict[int, str] = {}
         for link in self.links:
             if link.tracked and link.position is not None:

@@ -10,7 +10,8 @@ the tags found there are flagged ``mso`` (they exist for Outlook only: VML butto
 Two scanners share one grammar (HTML whitespace, ASCII tag names, a tag left open at the end
 of the text swallows the rest, as in a browser, so scanning is linear):
 
-* ``scan`` yields every tag and comment; it walks the text in Python and is the reference;
+* ``scan`` yields every tag and comment; it walks the text in Python. ``has_visible_content``
+  needs every token and uses it; it is also the reference ``scan_links`` is tested against;
 * ``scan_links`` returns only the tokens the link and pixel rules look at, and skips
   everything else (text, other tags with their quoted values, comments, raw text) inside one
   compiled regex, so the Python loop runs once per link, not once per tag.

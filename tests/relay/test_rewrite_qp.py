@@ -35,10 +35,6 @@ _TOKENS = st.sampled_from(
 )
 
 
-def _reference(body: bytes) -> list[qp.Line]:
-    return qp.lines(body) or [qp.Line(0, 0, False, b"")]
-
-
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_TOKENS, max_size=60), st.lists(st.integers(0, 2000), max_size=8))
 def test_fast_path_agrees_with_the_reference(tokens, offsets):

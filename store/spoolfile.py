@@ -1,11 +1,11 @@
 """Durable spool files shared by the relay outbox and the ingest spool.
 
-A spool file is one JSON header line followed by the raw message. It is written to
-``tmp/``, fsync'd, then renamed into place, so a crash leaves either nothing or a whole
-file; the caller fsyncs the target directory once (it may batch several files).
+A spool file is one JSON header line followed by the raw message(s), written in ``tmp/``,
+fsync'd, then put in place, so a crash leaves either nothing or a whole file; the caller
+fsyncs the target directory once (it may batch several files).
 
-``write_linked`` is the batched form: several messages in ONE file (one fsync) that appears
-under several names (hard links), one per queue entry. Removing a name removes that entry;
+``write_linked`` writes several messages into ONE file (one fsync) that appears under
+several names (hard links), one per queue entry. Removing a name removes that entry;
 the disk space goes when the last name does.
 """
 
@@ -35,26 +35,6 @@ def fsync_dir(path: Path) -> None:
 def header_bytes(head: dict) -> bytes:
     """The header line as written (its length is where the message starts)."""
     return json.dumps(head, ensure_ascii=True).encode() + b"\n"
-
-
-def write(tmp_dir: Path, final_dir: Path, head: dict, data: bytes, suffix: str) -> Path:
-    """Write ``head`` + ``data`` durably under ``final_dir``; mode 0600; return the path."""
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    final_dir.mkdir(parents=True, exist_ok=True)
-    name = new_name(suffix)
-    tmp = tmp_dir / name
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        for chunk in (header_bytes(head), data):
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    final = final_dir / name
-    os.rename(tmp, final)
-    return final
 
 
 def _write_all(fd: int, chunks) -> None:

@@ -92,14 +92,20 @@ def regex_floor(data: bytes) -> bytes:
     return floor_splice(data)[0]
 
 
-def relay_rewrite(data: bytes) -> bytes:
+def _plan(data: bytes):
+    """The relay's plan for ``data``, opens and clicks tracked."""
     from relay import rewrite
     from relay.links import LinkContext
 
-    plan = rewrite.plan(
+    return rewrite.plan(
         rewrite.analyse(data), LinkContext("https://t.example"), track_opens=True, track_clicks=True
     )
-    return plan.render(lambda pos, url: f"https://t.example/c/{pos}", "https://t.example/o/x", None)
+
+
+def relay_rewrite(data: bytes) -> bytes:
+    return _plan(data).render(
+        lambda pos, url: f"https://t.example/c/{pos}", "https://t.example/o/x", None
+    )
 
 
 def hrefs_seen(data: bytes) -> int:
@@ -109,13 +115,7 @@ def hrefs_seen(data: bytes) -> int:
     land inside an unterminated ``<!--[if mso]>`` block: the rewriter sees them but leaves
     them alone (``mso-no-twin``), while the floor wraps them blindly.
     """
-    from relay import rewrite
-    from relay.links import LinkContext
-
-    plan = rewrite.plan(
-        rewrite.analyse(data), LinkContext("https://t.example"), track_opens=True, track_clicks=True
-    )
-    return len({link.url for link in plan.links})
+    return len({link.url for link in _plan(data).links})
 
 
 def time_pair(fn, floor_fn, data: bytes, runs: int, inner: int) -> tuple[dict, dict]:
@@ -132,7 +132,7 @@ def time_pair(fn, floor_fn, data: bytes, runs: int, inner: int) -> tuple[dict, d
 
 
 def run(quick: bool) -> list[dict]:
-    runs, rows = (3, []) if quick else (7, [])
+    runs, rows = 3 if quick else 7, []
     cases = [
         ("60 KB / 40 links", 40, make_mail(template(60_000, 40)), 2.0),
         ("600 KB / 300 links", 300, make_mail(template(600_000, 300)), 20.0),

@@ -35,11 +35,10 @@ from relay import htmlrewrite, qp, rewrite
 from relay.links import LinkContext, clean_url
 from store import users as store_users
 from tests.relay.conftest import PASSWORD, maildir_messages, running_relay
-from tests.relay.rwhelp import SIGNER, clicked_urls, map_back, rewrite_html
+from tests.relay.rwhelp import BASE, SIGNER, clicked_urls, map_back, rewrite_html
 from tests.support import free_port, wait_for
 from tracker import tokens
 
-BASE = "https://t.example"
 DELIVERY = 5
 CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "html"
 TEMPLATES = sorted(CORPUS.rglob("*.html"))

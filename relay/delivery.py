@@ -195,17 +195,6 @@ class Connection:
                 client.close()
 
 
-async def deliver_smtp(
-    settings: config.RelaySettings, mail_from: str, rcpts: list[str], data: bytes
-) -> Outcome:
-    """Deliver one message over a connection of its own (closed afterwards)."""
-    conn = Connection(settings)
-    try:
-        return await conn.send(mail_from, rcpts, data)
-    finally:
-        await conn.quit()
-
-
 def _classify(out: Outcome, rcpt: str, code: int, message: str) -> None:
     text = f"{code} {message}".strip()
     if 500 <= code < 600:

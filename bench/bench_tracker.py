@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import GIF, free_port, row, spread
+from common import GIF, free_port, row, run_script, spread
 
 EMAILS, RECIPIENTS, LINKS = 1000, 4, 3
 CONNS = 64
@@ -83,23 +83,9 @@ asyncio.run(main())
 
 
 async def load(port: int, total: int, limit: float, plan: Path) -> dict:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CLIENT,
-        "127.0.0.1",
-        str(port),
-        str(CONNS),
-        str(total),
-        str(limit),
-        str(plan),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    return await run_script(
+        CLIENT, "127.0.0.1", port, CONNS, total, limit, plan, timeout=limit + 60
     )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=limit + 60)
-    if proc.returncode:
-        raise RuntimeError(f"load client failed: {err.decode()[-500:]}")
-    return json.loads(out)
 
 
 def summary(runs: list[dict]) -> dict:

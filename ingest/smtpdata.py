@@ -68,6 +68,7 @@ class StreamedDataSMTP(SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
+        assert self.line_length_limit >= READ_CHUNK, "the long-line check needs it"
         sink = self.open_sink()
         finishing = False
         try:
@@ -120,7 +121,8 @@ class StreamedDataSMTP(SMTP):
             if limit and received > limit and not too_long:
                 too_much = True
             if not (too_long or too_much):
-                # Only the first line in buf can be long: the others lie inside one chunk.
+                # Only the first line in buf can be long: the others lie inside one chunk,
+                # which holds as long as line_length_limit >= READ_CHUNK (checked in smtp_DATA).
                 first_break = buf.find(b"\r\n", 2)
                 if (first_break if first_break >= 0 else len(buf)) - 2 > line_limit:
                     too_long = True

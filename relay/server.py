@@ -155,7 +155,7 @@ class Handler:
         user = store_users.find_user(self.auth_db, login)
         if user is not None and self.verified.hit(login, password, user["password_hash"]):
             return AuthResult(success=True, auth_data=user)
-        user = store_users.authenticate(self.auth_db, login, password)
+        user = store_users.check_password(user, password)  # scrypt (same time for no user)
         if user is None:
             self.limiter.failed(ip, login)
             log.info("relay: failed AUTH for %r from %s", login, session.peer)

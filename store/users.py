@@ -113,7 +113,11 @@ def set_password(db: sqlite_utils.Database, email: str, password: str) -> None:
 
 def authenticate(db: sqlite_utils.Database, login: str, password: str) -> dict | None:
     """The user whose account email is ``login`` if the password matches, else None."""
-    user = find_user(db, login)
+    return check_password(find_user(db, login), password)
+
+
+def check_password(user: dict | None, password: str) -> dict | None:
+    """``user`` (a row found by :func:`find_user`) if the password is theirs, else None."""
     if user is None:
         # Spend the same time as a real check so that user names cannot be probed.
         verify_password(password, _dummy_hash())

@@ -99,6 +99,7 @@ class GroupCommitter:
                         try:
                             submit.render(self.settings, self.db, job)
                         except Exception as exc:
+                            log.warning("relay: could not queue a message: %s", exc)
                             failed[i] = exc
                             submit.discard(self.db, job)
             per_job = [

@@ -13,7 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import free_port, mail_file, repeated, row, smtp_baseline
+import postfix_baseline
+from common import free_port, mail_file, row, smtp_baseline, smtp_load
 
 BENCH_USER, BENCH_PW = "bench@corp.example", "bench password 1"
 
@@ -79,23 +80,10 @@ async def relay_accept(quick: bool) -> dict:
     svc = await service.start(s)
     try:
         path = mail_file(3, BENCH_USER)
-        out = {}
-        for rc in (1, 3):
-            out[rc] = await repeated(
-                3,
-                "smtp",
-                "127.0.0.1",
-                port,
-                16,
-                150 if quick else 1000,
-                5 if quick else 20,
-                path,
-                rc,
-                BENCH_USER,
-                BENCH_PW,
-            )
-        Path(path).unlink()
-        return out
+        try:
+            return await smtp_load(port, quick, path, (150, 1000), BENCH_USER, BENCH_PW)
+        finally:
+            Path(path).unlink()
     finally:
         batches = svc.handler.committer.batches
         await svc.stop()
@@ -103,9 +91,21 @@ async def relay_accept(quick: bool) -> dict:
         print(f"relay: {batches} group commits", file=sys.stderr)
 
 
+def postfix(quick: bool) -> dict:
+    """Postfix's durable accept of the same mail, when Postfix is installed (else {})."""
+    if not postfix_baseline.available():
+        return {}
+    path = mail_file(3)
+    try:
+        return asyncio.run(postfix_baseline.postfix_accept(quick, path))
+    finally:
+        Path(path).unlink()
+
+
 def run(quick: bool) -> list[dict]:
     base = asyncio.run(smtp_baseline(quick))
     relay = asyncio.run(relay_accept(quick))
+    pf = postfix(quick)
     rows = []
     for rc, b in base.items():
         rows.append(
@@ -125,9 +125,10 @@ def run(quick: bool) -> list[dict]:
                 r["rate"],
                 ">= 0.7x aiosmtpd",
                 ratio >= 0.7,
-                {"aiosmtpd": b["rate"]},
+                {"aiosmtpd": b["rate"], **({"postfix": pf[rc]["rate"]} if pf else {})},
                 ratio,
                 p99_ms=r["p99_ms"],
+                **({"ratio_postfix": r["rate"]["median"] / pf[rc]["rate"]["median"]} if pf else {}),
             )
         )
     return rows

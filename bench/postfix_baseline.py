@@ -10,14 +10,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from common import free_port, repeated
+from common import free_port, smtp_load
 
 
 def available() -> bool:
     return shutil.which("postfix") is not None or shutil.which("/usr/sbin/postfix") is not None
 
 
-async def postfix_accept(quick: bool, mail_path: str, rcpts: tuple[int, ...]) -> dict:
+async def postfix_accept(quick: bool, mail_path: str) -> dict:
     """msgs/s (median, spread) per recipient count, 16 connections, no AUTH (mynetworks)."""
     from tests.e2e.postfix import Postfix
 
@@ -31,19 +31,6 @@ async def postfix_accept(quick: bool, mail_path: str, rcpts: tuple[int, ...]) ->
             timeout=60,
         )
         server._postfix("reload")
-        out = {}
-        for rc in rcpts:
-            out[rc] = await repeated(
-                3,
-                "smtp",
-                "127.0.0.1",
-                server.port,
-                16,
-                300 if quick else 2000,
-                5 if quick else 20,
-                mail_path,
-                rc,
-            )
-        return out
+        return await smtp_load(server.port, quick, mail_path)
     finally:
         server.stop()

@@ -20,7 +20,6 @@ import base64
 import email
 import quopri
 import re
-import smtplib
 import time
 from email import policy
 from pathlib import Path
@@ -34,7 +33,7 @@ import store
 from relay import htmlrewrite, qp, rewrite
 from relay.links import LinkContext, clean_url
 from store import users as store_users
-from tests.relay.conftest import PASSWORD, maildir_messages, running_relay
+from tests.relay.conftest import PASSWORD, maildir_messages, running_relay, submit_all
 from tests.relay.rwhelp import BASE, SIGNER, clicked_urls, map_back, rewrite_html
 from tests.support import free_port, wait_for
 from tracker import tokens
@@ -517,18 +516,11 @@ async def test_hostile_messages_through_the_relay_are_delivered(relay_settings):
     settings, db = relay_settings
     submitted = {}
     async with running_relay(settings):
-
-        def send_all():
-            host, port = settings.relay.listen.split(":")
-            with smtplib.SMTP(host, int(port), timeout=60) as s:
-                s.login("alice@corp.test", PASSWORD)
-                for name, (data, _) in SMTP_CASES.items():
-                    data = data.replace(b"Subject: hostile", b"Subject: " + name.encode())
-                    data = data.replace(b"<hostile@", b"<" + name.encode() + b"@")
-                    s.sendmail("alice@corp.test", [f"{name}@client.test"], data)
-                    submitted[name] = data
-
-        await asyncio.to_thread(send_all)
+        for name, (data, _) in SMTP_CASES.items():
+            data = data.replace(b"Subject: hostile", b"Subject: " + name.encode())
+            submitted[name] = data.replace(b"<hostile@", b"<" + name.encode() + b"@")
+        mails = [(f"{name}@client.test", data) for name, data in submitted.items()]
+        await asyncio.to_thread(submit_all, settings, mails)
         delivered = await wait_for(
             lambda: (m := maildir_messages(settings)) and len(m) == len(SMTP_CASES) and m, 60
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import smtplib
 import time
 from email import policy
 from pathlib import Path
@@ -134,6 +135,16 @@ def html_message(
         f"--XX\r\nContent-Type: text/html; charset={charset}\r\nContent-Transfer-Encoding: {cte}\r\n\r\n"
     )
     return head.encode() + body.encode() + html.encode(charset) + b"\r\n--XX--\r\n"
+
+
+def submit_all(settings, mails: list[tuple[str, bytes]], timeout: float = 60) -> None:
+    """Send each (recipient, message) as alice over one authenticated smtplib session
+    (blocking: call it with ``asyncio.to_thread``)."""
+    host, port = settings.relay.listen.split(":")
+    with smtplib.SMTP(host, int(port), timeout=timeout) as s:
+        s.login("alice@corp.test", PASSWORD)
+        for rcpt, data in mails:
+            s.sendmail("alice@corp.test", [rcpt], data)
 
 
 class running_relay:

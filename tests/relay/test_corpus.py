@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import email
 import re
-import smtplib
 from email import policy
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 from relay import rewrite
 from relay.links import clean_url
 from store import outbox as store_outbox
-from tests.relay.conftest import PASSWORD, maildir_messages, running_relay
+from tests.relay.conftest import maildir_messages, running_relay, submit_all
 from tests.relay.rwhelp import clicked_urls, map_back, rewrite_html
 from tests.support import wait_for
 
@@ -79,18 +78,13 @@ def _structure(data: bytes) -> list[str]:
 async def test_every_eml_goes_through_the_relay(settings, alice, db):
     sent = {}
     async with running_relay(settings):
-
-        def send_all():
-            host, port = settings.relay.listen.split(":")
-            with smtplib.SMTP(host, int(port), timeout=30) as s:
-                s.login("alice@corp.test", PASSWORD)
-                for i, path in enumerate(MESSAGES):
-                    # CRLF line ends, as a mail client sends them (bare LF breaks dot-stuffing).
-                    data = re.sub(rb"\r\n|\n|\r", b"\r\n", _with_sender(path.read_bytes()))
-                    s.sendmail("alice@corp.test", [f"carol{i}@client.test"], data)
-                    sent[f"carol{i}@client.test"] = (path, data)
-
-        await asyncio.to_thread(send_all)
+        for i, path in enumerate(MESSAGES):
+            # CRLF line ends, as a mail client sends them (bare LF breaks dot-stuffing).
+            data = re.sub(rb"\r\n|\n|\r", b"\r\n", _with_sender(path.read_bytes()))
+            sent[f"carol{i}@client.test"] = (path, data)
+        await asyncio.to_thread(
+            submit_all, settings, [(r, data) for r, (_, data) in sent.items()], 30
+        )
         delivered = await wait_for(
             lambda: (m := maildir_messages(settings)) and len(m) == len(MESSAGES) and m, 60
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+import time
 from pathlib import Path
 
 import sqlite_utils
@@ -30,6 +31,25 @@ def to_iso(value: dt.datetime) -> str:
     return value.astimezone(dt.UTC).isoformat(timespec="microseconds")
 
 
+def _enable_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """Switch to WAL, retrying: SQLite answers a concurrent switch with SQLITE_BUSY at once.
+
+    Several processes opening a brand-new database together race for the exclusive lock the
+    switch needs, and SQLite does not run the busy handler for it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def connect(
     path: Path | str, *, create: bool = True, migrate: bool = True, timeout: float = 10.0
 ) -> sqlite_utils.Database:
@@ -44,7 +64,7 @@ def connect(
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), timeout=timeout, check_same_thread=False)
     db = sqlite_utils.Database(conn)
-    conn.execute("PRAGMA journal_mode=WAL")
+    _enable_wal(conn, timeout)
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")

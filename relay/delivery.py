@@ -343,8 +343,11 @@ class Worker:
     def wake(self) -> None:
         self._wake.set()
 
-    async def start(self) -> None:
-        await self._db(outbox.recover, self.settings, self.db)
+    async def start(self, recover: bool = True) -> None:
+        """Start delivering. ``recover=False`` when the relay's process did the recovery of
+        spool names without a row itself (``relay.delivery_process``)."""
+        if recover:
+            await self._db(outbox.recover, self.settings, self.db)
         await self._db(self._drop_sent_spool)
         self._committer = asyncio.create_task(self._commit_loop(), name="relay-commit")
         self._slots = [

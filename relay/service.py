@@ -1,22 +1,37 @@
-"""``mailtally relay`` / ``mailtally run``: the submission listeners plus the delivery worker."""
+"""``mailtally relay`` / ``mailtally run``: the submission listeners plus the delivery worker.
+
+The worker runs in a process of its own (``relay.delivery_process``), woken after each
+group commit; spool names left without a row by a crash are queued again here, before the
+listeners open.
+"""
 
 from __future__ import annotations
 
 import asyncio
 
 import config
-from relay import delivery, server
+import store
+from relay import delivery_process, outbox, server
+
+
+def _recover(settings: config.Settings) -> None:
+    db = store.connect(settings.db_path, migrate=False)
+    try:
+        outbox.recover(settings, db)
+    finally:
+        db.close()
 
 
 class RelayService:
     def __init__(self, settings: config.Settings) -> None:
         self.settings = settings
-        self.worker = delivery.Worker(settings)
+        self.worker = delivery_process.DeliveryProcess(settings)
         self.handler = server.Handler(settings, on_queued=self.worker.wake)
         self.servers: list[asyncio.AbstractServer] = []
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, _recover, self.settings)
         await self.worker.start()
         host, port = config.parse_hostport("relay.listen", self.settings.relay.listen)
         self.servers.append(

@@ -1,0 +1,210 @@
+"""The delivery worker in a process of its own, started and woken by the relay.
+
+Why: the relay's accept path and the delivery worker are both CPU under one GIL; in one
+process, choosing and sending copies took a third to a half of the time the accept path
+needed. In a child process each has an interpreter of its own.
+
+How the two talk: the parent writes the pickled settings to the child's stdin, then one
+byte whenever a group commit queued something (coalesced: at most one write per turn of
+the event loop). The child delivers exactly as the in-process :class:`relay.delivery.Worker`
+does (same class); it also walks the queue every second, so a lost wake-up only delays.
+
+Lifetime: the child stops when its stdin reaches EOF -- the relay stopped, or was
+SIGKILLed (the kernel closes the pipe), so no orphan keeps delivering on its own. It then
+finishes the sends under way (bounded by ``relay.upstream_timeout``) and commits their
+outcomes before it exits.
+
+One worker per queue: the child holds an exclusive ``flock`` on
+``DATA_DIR/relay-delivery.lock`` while it delivers, and a new child waits for it first.
+So a relay restarted at once after a crash never has two workers on the same rows: its
+child starts only once the old child (still finishing a send) has committed and exited.
+The lock goes with the process, whatever way it ends.
+
+Crash recovery of spool names without a row (``relay.outbox.recover``) is done by the
+parent before it listens, never by the child: the parent's committer writes names before
+their rows, and a child scanning concurrently would queue them twice. An old child that
+queues a delivery-failure report at that very moment may see its report queued twice; the
+second finds its spool name gone and is marked failed (nothing is lost either way).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import pickle
+import signal
+import sys
+from pathlib import Path
+
+import config
+
+log = logging.getLogger("mailtally.relay.delivery")
+
+LOCK_NAME = "relay-delivery.lock"
+RESPAWN_DELAY = 1.0  # seconds before a child that died on its own is started again
+ROOT = Path(__file__).resolve().parent.parent  # where ``relay`` is imported from
+
+
+class DeliveryProcess:
+    """Parent side: start, wake and stop the delivery child (from the relay's event loop)."""
+
+    def __init__(self, settings: config.Settings) -> None:
+        self.settings = settings
+        self.proc: asyncio.subprocess.Process | None = None
+        self._watch: asyncio.Task | None = None
+        self._stopping = False
+        self._wake_pending = False
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._watch = asyncio.create_task(self._watcher(), name="relay-delivery-process")
+
+    async def _spawn(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            "from relay.delivery_process import main; main()",
+            stdin=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        payload = pickle.dumps((self.settings, logging.getLogger().getEffectiveLevel()))
+        self.proc.stdin.write(len(payload).to_bytes(8, "big") + payload)
+        self._wake_pending = False
+
+    async def _watcher(self) -> None:
+        """Start the child again if it ends while the relay runs (a bug or the OOM killer
+        must not stop delivery until the next restart)."""
+        while not self._stopping:
+            code = await self.proc.wait()
+            if self._stopping:
+                return
+            log.error("relay: delivery process exited (%s); starting it again", code)
+            await asyncio.sleep(RESPAWN_DELAY)
+            if not self._stopping:
+                await self._spawn()
+
+    def wake(self) -> None:
+        """Something was queued: tell the child (one byte per turn of the loop at most)."""
+        if self._wake_pending or self.proc is None:
+            return
+        self._wake_pending = True
+        asyncio.get_running_loop().call_soon(self._send_wake)
+
+    def _send_wake(self) -> None:
+        self._wake_pending = False
+        proc = self.proc
+        if proc is None or proc.returncode is not None or proc.stdin.is_closing():
+            return
+        with contextlib.suppress(OSError):  # the child died: the watcher restarts it
+            proc.stdin.write(b"w")
+
+    async def stop(self) -> None:
+        """EOF to the child; wait while it finishes its sends and commits, kill past that."""
+        self._stopping = True
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            proc.stdin.close()
+            try:
+                async with asyncio.timeout(self.settings.relay.upstream_timeout + 30):
+                    await proc.wait()
+            except TimeoutError:
+                log.error("relay: delivery process did not stop; killing it")
+                proc.kill()
+                await proc.wait()
+        if self._watch is not None:
+            await asyncio.gather(self._watch, return_exceptions=True)
+
+
+# ---------------------------------------------------------------------- the child
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            raise EOFError("the relay closed the pipe before sending the settings")
+        buf += chunk
+    return buf
+
+
+def main() -> None:
+    """Entry point of the child (``python -c``): settings from stdin, deliver until EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    try:
+        size = int.from_bytes(_read_exactly(0, 8), "big")
+        settings, level = pickle.loads(_read_exactly(0, size))
+    except EOFError:
+        return
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(_serve(settings))
+
+
+class _Pipe(asyncio.Protocol):
+    """The parent's pipe: any byte is a wake-up, EOF means stop."""
+
+    def __init__(self, on_wake, stopped: asyncio.Event) -> None:
+        self.on_wake, self.stopped = on_wake, stopped
+
+    def data_received(self, data: bytes) -> None:
+        self.on_wake()
+
+    def eof_received(self) -> bool:
+        self.stopped.set()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stopped.set()
+
+
+async def _lock(path: Path, stopped: asyncio.Event) -> int | None:
+    """Take the delivery lock (fd), waiting while an old worker finishes; None if told to
+    stop first."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    said = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if not said:
+                log.info("relay: waiting for the previous delivery process to finish")
+                said = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await stopped.wait()
+        if stopped.is_set():
+            os.close(fd)
+            return None
+
+
+async def _serve(settings: config.Settings) -> None:
+    from relay import delivery
+
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    worker: list[delivery.Worker] = []
+    await loop.connect_read_pipe(
+        lambda: _Pipe(lambda: worker and worker[0].wake(), stopped),
+        os.fdopen(0, "rb", buffering=0),
+    )
+    loop.add_signal_handler(signal.SIGTERM, stopped.set)
+    fd = await _lock(settings.data_dir / LOCK_NAME, stopped)
+    if fd is None:
+        return
+    try:
+        w = delivery.Worker(settings)
+        await w.start(recover=False)
+        worker.append(w)
+        w.wake()
+        await stopped.wait()
+        await w.stop()
+    finally:
+        os.close(fd)  # releases the lock

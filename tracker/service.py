@@ -57,7 +57,10 @@ class TrackerService:
         loop = asyncio.get_running_loop()
         self.feed = Feed(loop)
         self.writer = BatchWriter(
-            self.settings, build_rules(self.settings), self.feed.publish_threadsafe
+            self.settings,
+            build_rules(self.settings),
+            self.feed.publish_threadsafe,
+            lambda: bool(self.feed.subscribers),
         )
         self.writer.start()
         self.webhooks = WebhookSender(self.settings, self.feed.wake_webhooks)

@@ -12,6 +12,7 @@ to a spool file that the next start replays, so a clean shutdown loses nothing.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import concurrent.futures
 import datetime as dt
@@ -92,16 +93,24 @@ class BatchWriter:
         settings: config.Settings,
         rules: classify.Rules,
         publish: Callable[[list[dict], bool], None] | None = None,
+        feed_wanted: Callable[[], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.rules = rules
         self.publish = publish or (lambda notices, webhooks_queued: None)
+        # Whether anyone follows the live feed: notices are built only for a listener (the
+        # feed, or a webhook of the sending user or a global one), not for every hit.
+        self.feed_wanted = feed_wanted or (lambda: True)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="tracker-writer", daemon=True)
         self._closing = False
         # Client addresses of recent hits, kept in memory only: anonymous events store none,
         # but the burst rules still need to tell clients apart for a few seconds.
         self._ips: collections.OrderedDict[int, tuple[str, float]] = collections.OrderedDict()
+        # Each copy's recent hits (the burst rules' priors), kept from batch to batch: this
+        # thread writes every hit, so after one read per copy the database has nothing new
+        # to tell (re-reading them per batch cost more than the insert when copies are hot).
+        self.recent = _RecentHits(rules.lookback_seconds)
         # Counted by one thread each (no lost updates): queued by the event loop, handled
         # (written or spooled) by the writer.
         self.queued = 0
@@ -233,7 +242,7 @@ class BatchWriter:
         queued = 0
         with store.sql.transaction(db):
             report_schema.begin_batch(db)  # summaries per batch, not per event
-            batch = _Batch(db, hits, self.rules.lookback_seconds)
+            batch = _Batch(db, hits, self.recent, self._ips, self.feed_wanted())
             for hit in hits:
                 notices += self._record(db, hit, batch)
             batch.flush()
@@ -243,6 +252,7 @@ class BatchWriter:
         now = time.time()
         while self._ips and next(iter(self._ips.values()))[1] < now - 120:
             self._ips.popitem(last=False)
+        self.recent.prune(min(h.at for h in hits) if hits else now)
         return notices, queued
 
     def _record(self, db, hit: PendingHit, batch: _Batch) -> list[dict]:
@@ -274,22 +284,8 @@ class BatchWriter:
                 }
             )
             return []
-        since = _iso(hit.at - self.rules.lookback_seconds)
-        ips = self._ips
-        priors = [
-            classify.Prior(
-                p["id"],
-                p["kind"],
-                p["t"],
-                p["ip"] or ips.get(p["id"], (None, 0))[0],
-                p["verdict"],
-                p["reason"],
-                p["position"],
-            )
-            for p in batch.recent.get(hit.delivery_id, ())
-            if p["at"] >= since
-        ]
-        verdict = classify.classify(request, batch.copy(ctx), priors, self.rules)
+        recent = batch.recent.priors(hit.delivery_id, hit.at)
+        verdict = classify.classify(request, batch.copy(ctx), recent, self.rules)
         anonymous = bool(ctx["shared"]) or (
             self.settings.privacy.enabled and ctx["lawful_basis"] != "yes"
         )
@@ -319,20 +315,29 @@ class BatchWriter:
             inferred = dict(event, kind="open", inferred=1, link_id=None, caused_by=ids[0])
             inferred["reason"] = f"inferred_from_{kind}"
             ids.append(batch.add_event(inferred))
-        self._ips[ids[0]] = (hit.ip, time.time())
-        batch.add_prior(
+        if anonymous:  # the burst rules still tell clients apart for a while
+            self._ips[ids[0]] = (hit.ip, time.time())
+        batch.recent.add(
             hit.delivery_id,
-            {
-                "id": ids[0],
-                "kind": kind,
-                "at": at,
-                "t": hit.at,
-                "ip": event["ip"],
-                "verdict": verdict.verdict,
-                "reason": verdict.reason,
-                "position": hit.position if link is not None else None,
-            },
+            classify.Prior(
+                ids[0],
+                kind,
+                hit.at,
+                hit.ip,
+                verdict.verdict,
+                verdict.reason,
+                hit.position if link is not None else None,
+            ),
         )
+        changed_rows: list[dict] = []
+        if verdict.relabel:
+            batch.flush()  # the re-labelling reads and recomputes from the stored events
+            changed_rows = store_events.relabel(
+                db, list(verdict.relabel), "machine", verdict.reason
+            )
+            batch.relabelled(changed_rows)
+        if not batch.listened(ctx["user_id"], self._global_webhooks):
+            return []
         who = None if anonymous else (ctx["contact_email"] or ctx["recipient"])
         base = {
             "user": ctx["user_email"],
@@ -364,26 +369,20 @@ class BatchWriter:
                 | {"verdict": "human", "reason": f"inferred_from_{kind}", "url": None}
                 | {"open_number": batch.opened(hit.delivery_id)}
             )
-        if verdict.relabel:
-            batch.flush()  # the re-labelling reads and recomputes from the stored events
-            changed_rows = store_events.relabel(
-                db, list(verdict.relabel), "machine", verdict.reason
-            )
-            batch.relabelled(changed_rows)
-            for changed in changed_rows:
-                notices.append(
-                    dict(
-                        base,
-                        type="relabel",
-                        id=changed["id"],
-                        kind=changed["kind"],
-                        inferred=bool(changed["inferred"]),
-                        at=changed["at"],
-                        verdict="machine",
-                        previous_verdict=changed["previous_verdict"],
-                        reason=verdict.reason,
-                    )
+        for changed in changed_rows:
+            notices.append(
+                dict(
+                    base,
+                    type="relabel",
+                    id=changed["id"],
+                    kind=changed["kind"],
+                    inferred=bool(changed["inferred"]),
+                    at=changed["at"],
+                    verdict="machine",
+                    previous_verdict=changed["previous_verdict"],
+                    reason=verdict.reason,
                 )
+            )
         return notices
 
     def _queue_webhooks(self, db, notice: dict, batch: _Batch) -> int:
@@ -401,19 +400,118 @@ class BatchWriter:
         return len(targets)
 
 
+class _RecentHits:
+    """Each copy's recent hits as :class:`classify.Prior` (oldest first), kept between
+    batches. A copy's list is complete from its ``since`` on: hits before that were never
+    read or have been pruned, and a batch that needs earlier ones reads the copy again."""
+
+    def __init__(self, lookback: float) -> None:
+        self.lookback = lookback
+        self._copies: dict[int, tuple[float, list[classify.Prior]]] = {}
+        self._pruned_at = 0.0
+
+    def missing(self, delivery_ids: set[int], since: float) -> list[int]:
+        """The copies whose hits from ``since`` on are not all here."""
+        copies = self._copies
+        return [d for d in delivery_ids if d not in copies or copies[d][0] > since]
+
+    def load(self, delivery_id: int, since: float, priors: list[classify.Prior]) -> None:
+        self._copies[delivery_id] = (since, priors)
+
+    def priors(self, delivery_id: int, at: float) -> list[classify.Prior]:
+        """The copy's hits within the burst window before ``at``."""
+        found = self._copies.get(delivery_id)
+        if found is None:
+            return []
+        rows = found[1]
+        start = at - self.lookback
+        if not rows or rows[0].at >= start:
+            return rows
+        return rows[bisect.bisect_left(rows, start, key=_prior_at) :]
+
+    def add(self, delivery_id: int, prior: classify.Prior) -> None:
+        """A hit just recorded becomes a prior of the hits after it."""
+        rows = self._copies.setdefault(delivery_id, (prior.at, []))[1]
+        rows.append(prior)
+        if len(rows) > 1 and (rows[-2].at, rows[-2].id) > (prior.at, prior.id):
+            rows.sort(key=lambda p: (p.at, p.id))
+
+    def relabelled(self, changed: dict) -> None:
+        """An earlier event turned machine: its prior follows."""
+        found = self._copies.get(changed["delivery_id"])
+        if found is None:
+            return
+        rows = found[1]
+        for i, p in enumerate(rows):
+            if p.id == changed["id"]:
+                rows[i] = p._replace(verdict=changed["verdict"], reason=changed["reason"])
+
+    def forget(self, delivery_id: int) -> None:
+        self._copies.pop(delivery_id, None)
+
+    def prune(self, oldest_at: float) -> None:
+        """Drop hits no batch from ``oldest_at`` on needs (at most once a second)."""
+        if oldest_at - self._pruned_at < 1.0:
+            return
+        self._pruned_at = oldest_at
+        cut = oldest_at - self.lookback - 1.0
+        for d, (since, rows) in list(self._copies.items()):
+            if rows and rows[-1].at < cut:
+                del self._copies[d]
+            elif rows and rows[0].at < cut:
+                keep = rows[bisect.bisect_left(rows, cut, key=_prior_at) :]
+                self._copies[d] = (max(since, cut), keep)
+            elif not rows:
+                del self._copies[d]
+
+
+def _prior_at(p: classify.Prior) -> float:
+    return p.at
+
+
 class _Batch:
     """One batch: what its hits need from the database, read in a few queries at its start,
     and the events it records, written in one statement (:meth:`flush`). Inside the
     batch's transaction nothing else writes, so the counts and recent hits read at the
     start stay exact as long as the batch applies its own events to them."""
 
-    def __init__(self, db, hits: list[PendingHit], lookback: float) -> None:
+    def __init__(
+        self,
+        db,
+        hits: list[PendingHit],
+        recent: _RecentHits,
+        ips: collections.OrderedDict[int, tuple[str, float]],
+        feed_wanted: bool,
+    ) -> None:
         self.db = db
+        self.recent = recent
+        self.feed_wanted = feed_wanted
         ids = {h.delivery_id for h in hits}
         self.contexts = tracking.copy_contexts(db, ids)
-        known = [d for d in ids if d in self.contexts]
-        since = _iso(min((h.at for h in hits), default=time.time()) - lookback)
-        self.recent = tracking.recent_hits_of(db, known, since)
+        known = {d for d in ids if d in self.contexts}
+        for d in ids - known:
+            recent.forget(d)  # erased: its hits went with it
+        since = min((h.at for h in hits), default=time.time()) - recent.lookback
+        cold = recent.missing(known, since)
+        if cold:
+            found = tracking.recent_hits_of(db, cold, _iso(since))
+            for d in cold:
+                recent.load(
+                    d,
+                    since,
+                    [
+                        classify.Prior(
+                            p["id"],
+                            p["kind"],
+                            _epoch(p["at"]) or 0.0,
+                            p["ip"] or ips.get(p["id"], (None, 0))[0],
+                            p["verdict"],
+                            p["reason"],
+                            p["position"],
+                        )
+                        for p in found.get(d, ())
+                    ],
+                )
         self.open_counts = tracking.human_open_counts(db, known)
         clicked = {
             self.contexts[h.delivery_id]["email_id"]
@@ -422,11 +520,6 @@ class _Batch:
         }
         self.links = tracking.link_ids(db, clicked) if clicked else {}
         self._webhooks: dict[int, list[tuple[int | None, str, bool]]] = {}
-        self._by_id = {}
-        for rows in self.recent.values():
-            for p in rows:
-                p["t"] = _epoch(p["at"]) or 0.0
-                self._by_id[p["id"]] = p
         self._next_id = store_events.next_event_id(db)
         self._events: list[dict] = []
         self._touched: dict[int, tuple[str, str | None]] = {}
@@ -462,14 +555,6 @@ class _Batch:
         store_events.touch_contacts(self.db, self._touched)
         self._events, self._touched = [], {}
 
-    def add_prior(self, delivery_id: int, prior: dict) -> None:
-        """A hit just recorded becomes a prior of the hits after it."""
-        rows = self.recent.setdefault(delivery_id, [])
-        rows.append(prior)
-        if len(rows) > 1 and (rows[-2]["at"], rows[-2]["id"]) > (prior["at"], prior["id"]):
-            rows.sort(key=lambda p: (p["at"], p["id"]))
-        self._by_id[prior["id"]] = prior
-
     def opened(self, delivery_id: int) -> int:
         """The copy's human opens so far, inferred ones included."""
         return self.open_counts.get(delivery_id, 0)
@@ -477,13 +562,18 @@ class _Batch:
     def relabelled(self, changed: list[dict]) -> None:
         """Earlier events turned machine: priors and open counts follow."""
         for c in changed:
-            prior = self._by_id.get(c["id"])
-            if prior is not None:
-                prior["verdict"], prior["reason"] = c["verdict"], c["reason"]
-            if c["kind"] == "open" and c["delivery_id"] is not None:
+            if c["delivery_id"] is None:
+                continue
+            self.recent.relabelled(c)
+            if c["kind"] == "open":
                 was, now = c["previous_verdict"] == "human", c["verdict"] == "human"
                 d = c["delivery_id"]
                 self.open_counts[d] = self.open_counts.get(d, 0) + (now - was)
+
+    def listened(self, user_id: int | None, global_webhooks: list) -> bool:
+        """Whether a hit of ``user_id``'s copy has anyone to tell: the live feed, a global
+        webhook or one of the user's."""
+        return self.feed_wanted or bool(global_webhooks) or bool(user_id and self.webhooks(user_id))
 
     def webhooks(self, user_id: int) -> list[tuple[int | None, str, bool]]:
         if user_id not in self._webhooks:

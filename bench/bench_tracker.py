@@ -8,6 +8,11 @@ emails and 4,000 copies, distinct valid pixel and click tokens, and a mix of use
 bench checks that the number of hits recorded equals the number of requests answered; the
 tracker's figure counts until the last hit is committed (answered and recorded per second),
 its answer rate alone is reported beside it.
+
+The tracker's CPU per request is that of the whole server: this process (where its HTTP
+side runs) plus its writer process (read from ``/proc/<pid>/stat`` before and after each
+run), so moving work into the child does not hide it. The clock is read with 10 ms
+ticks, a rounding of under 1 us per request over a run of 20,000.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -89,7 +95,7 @@ async def load(port: int, total: int, limit: float, plan: Path) -> dict:
 
 
 def summary(runs: list[dict]) -> dict:
-    keys = ("rate", "p50_ms", "p99_ms", "sustained", "cpu_us")
+    keys = ("rate", "p50_ms", "p99_ms", "sustained", "cpu_us", "http_cpu_us", "writer_cpu_us")
     return {k: spread([r[k] for r in runs]) for k in keys if k in runs[0]}
 
 
@@ -237,21 +243,30 @@ async def timed(port: int, total: int, limit: float, plan: Path) -> dict:
     return r
 
 
+def writer_cpu(svc) -> float:
+    """CPU seconds (user + system) used so far by the tracker's writer process."""
+    fields = Path(f"/proc/{svc.writer.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def tracker_run(svc, db, plan: Path, total: int, limit: float) -> tuple[dict, dict]:
     """One run against the real tracker; every answered request must be a recorded hit."""
     from store import events as store_events
 
     before = store_events.count_hits(db)
     cpu = time.process_time()
+    child = writer_cpu(svc)
     r = await load(svc.port, total, limit, plan)
     ended = time.monotonic()
     backlog = svc.writer.pending
     while svc.writer.pending and time.monotonic() < ended + 120:
         await asyncio.sleep(0.01)
     drain = time.monotonic() - ended
-    # CPU of the whole server process (event loop and writer thread) per hit until the last
-    # hit is committed: what the tracker costs, whatever else the machine runs.
-    r["cpu_us"] = (time.process_time() - cpu) / max(r["n"], 1) * 1e6
+    # CPU of the whole server (this process' event loop and the writer process) per hit
+    # until the last hit is committed: what the tracker costs, whatever else the machine runs.
+    r["http_cpu_us"] = (time.process_time() - cpu) / max(r["n"], 1) * 1e6
+    r["writer_cpu_us"] = (writer_cpu(svc) - child) / max(r["n"], 1) * 1e6
+    r["cpu_us"] = r["http_cpu_us"] + r["writer_cpu_us"]
     recorded = store_events.count_hits(db) - before
     # The honest rate: requests answered AND recorded, per second from the first request
     # until the last hit is committed (a queue still draining when the load stops is not done).
@@ -332,6 +347,8 @@ def run(quick: bool) -> list[dict]:
             ),
             answered_rate=real["rate"],
             server_cpu_us_per_request=real["cpu_us"],
+            http_process_cpu_us_per_request=real["http_cpu_us"],
+            writer_process_cpu_us_per_request=real["writer_cpu_us"],
             cpu_ratio=round(real["cpu_us"]["median"] / bare["cpu_us"]["median"], 2),
             p50_ms=real["p50_ms"],
             p99_ms=real["p99_ms"],

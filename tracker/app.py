@@ -25,7 +25,8 @@ import config
 from tracker import notify
 from tracker.netdata import NetworkSet
 from tracker.tokens import Signer
-from tracker.writer import BatchWriter, PendingHit, public_notice
+from tracker.writer import public_notice
+from tracker.writer_process import WriterProcess
 
 GIF = (
     b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x01\x00\x00\x00"
@@ -47,7 +48,7 @@ HONEYPOT_PAGE = "<!doctype html><html><head><title>-</title></head><body></body>
 PREFETCH_HEADERS = ("sec-purpose", "purpose", "x-moz", "x-purpose")
 FEED_HEARTBEAT = 15.0
 
-KEY_WRITER = web.AppKey("writer", BatchWriter)
+KEY_WRITER = web.AppKey("writer", WriterProcess)
 KEY_FEED = web.AppKey("feed", notify.Feed)
 
 
@@ -90,30 +91,33 @@ def _location(url: str) -> str | None:
     return urllib.parse.quote(url, safe="".join(chr(i) for i in range(0x21, 0x7F)))
 
 
-def make_app(settings: config.Settings, writer: BatchWriter, feed: notify.Feed) -> web.Application:
+def make_app(
+    settings: config.Settings, writer: WriterProcess, feed: notify.Feed
+) -> web.Application:
     signer = Signer(settings.tracker.secrets)
     client_address = ClientAddress(settings.tracker.trusted_proxies)
     wait = settings.tracker.write_wait_seconds
 
     async def record(request: web.Request, kind: str, token, url: str = "") -> None:
-        headers = {h: request.headers[h] for h in PREFETCH_HEADERS if h in request.headers}
-        hit = PendingHit(
-            kind=kind,
-            delivery_id=token.delivery_id,
-            position=token.position if kind == "click" else None,
-            url=url,
-            method=request.method,
-            user_agent=request.headers.get("User-Agent", ""),
-            ip=client_address(request),
-            at=time.time(),
-            headers=headers,
+        headers = request.headers
+        prefetch = {h: headers[h] for h in PREFETCH_HEADERS if h in headers}
+        hit = (  # PendingHit's fields, as a plain tuple (what goes to the writer process)
+            kind,
+            token.delivery_id,
+            token.position if kind == "click" else None,
+            url,
+            request.method,
+            headers.get("User-Agent", ""),
+            client_address(request),
+            time.time(),
+            prefetch,
         )
         if not writer.behind:
             writer.enqueue(hit)
             return
         fut = writer.submit(hit)
         try:  # back-pressure: wait for the commit, but a locked disk never blocks a reply
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), wait)
+            await asyncio.wait_for(asyncio.shield(fut), wait)
         except TimeoutError:
             pass
 

@@ -65,6 +65,10 @@ class Feed:
         if webhooks_queued or self.subscribers:
             self.loop.call_soon_threadsafe(self._publish, notices, webhooks_queued)
 
+    def publish(self, notices: list[dict], webhooks_queued: bool = True) -> None:
+        """Called in the event loop (by the writer process' acknowledgements)."""
+        self._publish(notices, webhooks_queued)
+
     def _publish(self, notices: list[dict], webhooks_queued: bool = True) -> None:
         if webhooks_queued:
             self.wake_webhooks.set()

@@ -11,7 +11,7 @@ import config
 from tracker import classify, netdata
 from tracker.app import make_app
 from tracker.notify import Feed, WebhookSender
-from tracker.writer import BatchWriter
+from tracker.writer_process import WriterProcess
 
 # Open connections the tracker is ready for: every slow or idle client holds a descriptor,
 # and the usual soft limit (1,024 under systemd and most shells) is far too few.
@@ -56,13 +56,10 @@ class TrackerService:
         raise_file_limit()
         loop = asyncio.get_running_loop()
         self.feed = Feed(loop)
-        self.writer = BatchWriter(
-            self.settings,
-            build_rules(self.settings),
-            self.feed.publish_threadsafe,
-            lambda: bool(self.feed.subscribers),
+        self.writer = WriterProcess(
+            self.settings, self.feed.publish, lambda: bool(self.feed.subscribers)
         )
-        self.writer.start()
+        await self.writer.start()
         self.webhooks = WebhookSender(self.settings, self.feed.wake_webhooks)
         await self.webhooks.start()
         self.runner = web.AppRunner(
@@ -74,7 +71,7 @@ class TrackerService:
             await site.start()
         except BaseException:
             await self.runner.cleanup()
-            await asyncio.to_thread(self.writer.close)
+            await self.writer.close()
             await self.webhooks.stop()
             raise
         sockets = getattr(site._server, "sockets", None) or []  # noqa: SLF001
@@ -92,7 +89,7 @@ class TrackerService:
         for q in list(self.feed.subscribers):
             q.put_nowait({"type": "shutdown"})
         await self.runner.cleanup()
-        await asyncio.to_thread(self.writer.close)
+        await self.writer.close()
         await self.webhooks.stop()
 
 

@@ -80,6 +80,7 @@ def _epoch(iso: str | None) -> float | None:
 
 
 _STOP = object()
+_MANY = object()  # marks a queue item holding a list of hits
 # Hits queued but not yet written beyond which responses wait for their commit: a few
 # seconds of work, a few MB of memory.
 BACKLOG_LIMIT = 20_000
@@ -94,6 +95,7 @@ class BatchWriter:
         rules: classify.Rules,
         publish: Callable[[list[dict], bool], None] | None = None,
         feed_wanted: Callable[[], bool] | None = None,
+        committed: Callable[[int, list[dict], bool], None] | None = None,
     ) -> None:
         self.settings = settings
         self.rules = rules
@@ -101,6 +103,9 @@ class BatchWriter:
         # Whether anyone follows the live feed: notices are built only for a listener (the
         # feed, or a webhook of the sending user or a global one), not for every hit.
         self.feed_wanted = feed_wanted or (lambda: True)
+        # Told after every batch (hits written, notices, webhooks queued): the writer
+        # process acknowledges batches to the tracker with it.
+        self.committed = committed
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="tracker-writer", daemon=True)
         self._closing = False
@@ -116,6 +121,7 @@ class BatchWriter:
         self.queued = 0
         self.written = 0
         self.batches = 0
+        self.replayed = 0  # hits queued from the spool at start
         self.backlog_limit = BACKLOG_LIMIT
         self.spool_path = settings.data_dir / SPOOL_NAME
         # The configured webhooks every notice may go to (settings are fixed while running).
@@ -126,14 +132,19 @@ class BatchWriter:
     # --- producer side ----------------------------------------------------------------------
 
     def start(self) -> None:
+        self._replay_spool()  # queued before the thread runs: ``replayed`` is final by then
         self._thread.start()
-        self._replay_spool()
 
     def enqueue(self, hit: PendingHit) -> None:
         """Queue a hit without waiting for it (it is written, or spooled, before close()
         returns)."""
         self.queued += 1
         self._queue.put((hit, None))
+
+    def enqueue_many(self, hits: list[PendingHit]) -> None:
+        """:meth:`enqueue` for a list of hits (one queue item)."""
+        self.queued += len(hits)
+        self._queue.put((hits, _MANY))
 
     def submit(self, hit: PendingHit) -> concurrent.futures.Future:
         """Queue a hit; the future completes when its batch is committed."""
@@ -186,7 +197,12 @@ class BatchWriter:
 
     def _write_with_retry(self, db, batch: list) -> None:
         delay = 0.02
-        hits = [hit for hit, _ in batch if hit is not None]
+        hits: list[PendingHit] = []
+        for hit, fut in batch:
+            if fut is _MANY:
+                hits += hit
+            elif hit is not None:
+                hits.append(hit)
         while True:
             try:
                 notices, webhooks = self._write(db, hits)
@@ -207,9 +223,11 @@ class BatchWriter:
         self.written += len(hits)
         self.batches += 1
         for _, fut in batch:
-            if fut is not None and not fut.done():
+            if fut is not None and fut is not _MANY and not fut.done():
                 fut.set_result(None)
-        if notices:
+        if self.committed is not None:
+            self.committed(len(hits), notices, webhooks > 0)
+        elif notices:
             try:
                 self.publish(notices, webhooks > 0)
             except Exception:  # the live feed must never stop the writer
@@ -232,6 +250,7 @@ class BatchWriter:
         for line in replay.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 self.enqueue(PendingHit(**json.loads(line)))
+                self.replayed += 1
         self._queue.put((None, _Unlink(replay)))
 
     # --- one batch --------------------------------------------------------------------------

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,14 +87,34 @@ def _index_of(path: Path) -> int:
     return int(path.name.removesuffix(".eml").rsplit(".", 1)[1])
 
 
+# Parsed first lines of batch files, by (batch name, inode): every copy of a batch is
+# delivered on its own, and parsing the whole header per copy made a batch cost O(N^2).
+# The batch name is unique (time, pid, random), so an entry never describes another file.
+_HEADS: OrderedDict[tuple[str, int], tuple[list[dict], int]] = OrderedDict()
+_HEADS_MAX = 64
+_heads_lock = threading.Lock()
+
+
 def _envelope_in(fh, path: Path) -> tuple[dict, int, int]:
-    line = fh.readline()
-    head = json.loads(line)
-    if "copies" not in head:  # one message per file (older versions)
-        return head, len(line), -1
-    entry = dict(head["copies"][_index_of(path)])
+    key = (path.name.split(".", 1)[0], os.fstat(fh.fileno()).st_ino)
+    with _heads_lock:
+        cached = _HEADS.get(key)
+        if cached is not None:
+            _HEADS.move_to_end(key)
+    if cached is None:
+        line = fh.readline()
+        head = json.loads(line)
+        if "copies" not in head:  # one message per file (older versions)
+            return head, len(line), -1
+        cached = (head["copies"], len(line))
+        with _heads_lock:
+            _HEADS[key] = cached
+            while len(_HEADS) > _HEADS_MAX:
+                _HEADS.popitem(last=False)
+    copies, skip = cached
+    entry = dict(copies[_index_of(path)])
     offset, length = entry.pop("offset"), entry.pop("length")
-    return entry, len(line) + offset, length
+    return entry, skip + offset, length
 
 
 def read_envelope(path: Path | str) -> tuple[dict, int, int]:

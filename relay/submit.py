@@ -51,9 +51,10 @@ def headers_of(data: bytes):
     return BytesHeaderParser(policy=compat32).parsebytes(data[: mime.header_end(data)])
 
 
-def check_from(db: sqlite_utils.Database, user: dict, data: bytes) -> None:
-    """553 unless every From header address is one of the user's addresses."""
-    head = headers_of(data)
+def check_from(db: sqlite_utils.Database, user: dict, data: bytes, head=None) -> None:
+    """553 unless every From header address is one of the user's addresses (``head``: the
+    message's headers when the caller parsed them already)."""
+    head = headers_of(data) if head is None else head
     values = head.get_all("From") or []
     found = addresses.parse_list(*[str(v) for v in values])
     if not found:
@@ -64,9 +65,9 @@ def check_from(db: sqlite_utils.Database, user: dict, data: bytes) -> None:
             raise Refused(f"553 5.7.1 From header {addr} is not one of your addresses")
 
 
-def ensure_message_id(data: bytes, domain: str) -> tuple[bytes, str]:
+def ensure_message_id(data: bytes, domain: str, head=None) -> tuple[bytes, str]:
     """Add a Message-ID when the client sent none (RFC 6409 8.3): the key of every copy."""
-    head = headers_of(data)
+    head = headers_of(data) if head is None else head
     mid = head.get("Message-ID")
     if mid and emails.normalize_message_id(str(mid)):
         return data, str(mid).strip()
@@ -108,11 +109,13 @@ def prepare(
 ) -> Prepared:
     """Check, decide and plan one message. Only reads the database: the rows are written by
     :func:`record`, the copies made (and the ingest hand-offs) by :func:`render`."""
-    check_from(db, user, data)
-    data, control = rewrite.split_control_headers(data)
-    data, message_id = ensure_message_id(data, settings.general.domain)
-    key = emails.message_key(message_id, data)
+    # One parse of the header block serves every check below: removing the control headers
+    # and adding a Message-ID change none of the headers read from it.
     head = headers_of(data)
+    check_from(db, user, data, head)
+    data, control = rewrite.split_control_headers(data)
+    data, message_id = ensure_message_id(data, settings.general.domain, head)
+    key = emails.message_key(message_id, data)
 
     local_addrs = {
         addresses.normalize(a)

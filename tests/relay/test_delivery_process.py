@@ -1,0 +1,78 @@
+"""The delivery worker runs in a process of its own (``relay.delivery_process``): it delivers
+while the relay runs, stops with it, and never runs twice on one queue."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+
+import aiosmtplib
+
+from relay import delivery_process
+from tests.relay.conftest import PASSWORD, html_message
+from tests.support import wait_for
+
+
+async def submit(settings, rcpt: str = "carol@client.test") -> None:
+    host, port = settings.relay.listen.split(":")
+    c = aiosmtplib.SMTP(hostname=host, port=int(port), start_tls=False)
+    await c.connect()
+    await c.login("alice@corp.test", PASSWORD)
+    await c.sendmail("alice@corp.test", [rcpt], html_message("<p>hi</p>", to=rcpt))
+    await c.quit()
+
+
+async def test_delivers_from_a_child_process_that_ends_with_the_relay(settings, alice, upstream):
+    from relay import service
+
+    settings.relay.upstream_starttls = False
+    svc = await service.start(settings)
+    try:
+        child = svc.worker.proc
+        assert child.pid != os.getpid() and child.returncode is None
+        await submit(settings)
+        await wait_for(lambda: len(upstream.messages) == 1, timeout=30)
+    finally:
+        await svc.stop()
+    assert child.returncode == 0  # stopped on EOF, cleanly
+
+
+async def test_a_second_worker_waits_until_the_first_lets_go_of_the_queue(
+    settings, alice, upstream
+):
+    """A relay restarted while the old worker still finishes a send must not start a second
+    worker on the same rows: the new child waits for the lock the old one holds."""
+    from relay import service
+
+    settings.relay.upstream_starttls = False
+    fd = os.open(settings.data_dir / delivery_process.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # stands in for a worker that is still running
+    svc = await service.start(settings)
+    try:
+        await submit(settings)
+        await asyncio.sleep(2.0)  # the worker walks the queue at least once a second
+        assert upstream.messages == []  # accepted and queued, but nobody delivers yet
+        os.close(fd)  # the old worker exits
+        fd = -1
+        await wait_for(lambda: len(upstream.messages) == 1, timeout=30)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        await svc.stop()
+
+
+async def test_the_relay_starts_the_worker_again_when_it_dies(settings, alice, upstream):
+    from relay import service
+
+    settings.relay.upstream_starttls = False
+    svc = await service.start(settings)
+    try:
+        first = svc.worker.proc
+        first.kill()
+        await first.wait()
+        await wait_for(lambda: svc.worker.proc is not first, timeout=10)
+        await submit(settings)
+        await wait_for(lambda: len(upstream.messages) == 1, timeout=30)
+    finally:
+        await svc.stop()

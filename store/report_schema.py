@@ -447,3 +447,33 @@ def install_batch_gate(db: sqlite_utils.Database) -> None:
     """Migration for databases made before the batch gate: the table and the triggers."""
     db.conn.execute(BATCH_TABLE)
     recreate_triggers(db)
+
+
+_FOLD_PEOPLE_ROWS = f"""INSERT INTO report_people (email_id, target, {_STAT_COLUMNS})
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (email_id, target) DO UPDATE SET
+        hits = hits + excluded.hits,
+        {_ADD_COUNTS}"""
+_FOLD_REASON_ROWS = """INSERT INTO report_reasons (email_id, target, verdict, reason, n)
+    VALUES (?, ?, ?, ?, ?)
+    ON CONFLICT (email_id, target, verdict, reason) DO UPDATE SET n = n + excluded.n"""
+
+
+def fold_counted(
+    db: sqlite_utils.Database,
+    people: dict[tuple[int, str], list],
+    reasons: dict[tuple[int, str, str, str], int],
+    next_id: int,
+) -> None:
+    """:func:`fold_batch` for a writer that counted its events itself as it made them:
+    ``people`` maps (email id, target) to the values of ``_STAT_COLUMNS`` for its new
+    events, ``reasons`` (email id, target, verdict, reason) to a count, and every event
+    below ``next_id`` is in them. The events are not read back and grouped again.
+
+    Only for events that name their email (``email_id`` set), as the tracker's do.
+    """
+    if people:
+        db.conn.executemany(_FOLD_PEOPLE_ROWS, [(*k, *v) for k, v in people.items()])
+    if reasons:
+        db.conn.executemany(_FOLD_REASON_ROWS, [(*k, n) for k, n in reasons.items()])
+    db.execute("UPDATE report_batch SET from_id = ?", [next_id])

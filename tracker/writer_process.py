@@ -8,7 +8,7 @@ more than one core between them. In a child process each has an interpreter of i
 How the two talk (length-prefixed ``marshal`` frames, both ways; both ends are this code):
 
 - parent -> child: first the pickled settings, then ``(feed_wanted, [hit, ...])`` with the
-  hits queued during one turn of the event loop, each a plain tuple in :class:`PendingHit`
+  hits queued during ``SEND_INTERVAL``, each a plain tuple in :class:`PendingHit`
   field order (``feed_wanted``: whether anyone follows the live feed, so the child builds
   notices only when they have a reader).
 - child -> parent: ``(hits written, webhooks queued, notices)`` after each batch is
@@ -47,6 +47,7 @@ log = logging.getLogger("mailtally.tracker")
 ROOT = Path(__file__).resolve().parent.parent  # where ``tracker`` is imported from
 RESPAWN_DELAY = 1.0  # seconds before a child that died on its own is started again
 CLOSE_TIMEOUT = 30.0  # how long the child retries a locked database before spooling
+SEND_INTERVAL = 0.01  # seconds between frames of hits while hits keep coming
 _LEN = 4
 
 
@@ -148,7 +149,9 @@ class WriterProcess:
         """Queue a hit (a tuple in :class:`PendingHit` field order) without waiting."""
         self.queued += 1
         if not self._buffer:
-            self._loop.call_soon(self._send)
+            # One frame per SEND_INTERVAL, not per turn of the event loop: each write to the
+            # pipe wakes the child, and those wake-ups cost more than the hits they carry.
+            self._loop.call_later(SEND_INTERVAL, self._send)
         self._buffer.append(hit)
 
     def submit(self, hit: tuple) -> asyncio.Future:
@@ -169,7 +172,7 @@ class WriterProcess:
         return self.queued - self.written > self.backlog_limit
 
     def _send(self) -> None:
-        """One frame with the hits of this turn of the event loop."""
+        """One frame with the hits queued since the last."""
         hits, self._buffer = self._buffer, []
         if not hits:
             return

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from html.entities import html5
 from string import ascii_letters
 
 RAW_TEXT = ("script", "style", "title", "textarea", "xmp", "iframe", "noembed", "noframes")
@@ -171,18 +172,50 @@ _NAME = r"[^ \t\n\r\f/>][^ \t\n\r\f/>=]*+"
 _VALUE = r"""(?:"[^"]*+(?:"|\Z)|'[^']*+(?:'|\Z)|[^ \t\n\r\f>]*+)"""
 _ATTRS = rf"(?:[ \t\n\r\f/]*+{_NAME}(?:{_W}*+={_W}*+{_VALUE}|(?!{_W}*+=)))*+[ \t\n\r\f/]*+"
 _TAG_REST = rf"[^ \t\n\r\f/>]*+{_ATTRS}(?:>|\Z)"  # after the first letter of the name
-_RAW = "|".join(RAW_TEXT)
 _AFTER_NAME = r"(?=[ \t\n\r\f/>])"
-# One alternative per raw-text element (no capture group: 3.11's re mis-tracks captures
-# inside a possessive repeat), each running to its own end tag.
-_RAW_ELEMENTS = "|".join(
-    rf"<(?i:{name}){_AFTER_NAME}{_ATTRS}(?:>|\Z)(?:[^<]++|<(?!/(?i:{name})[ \t\n\r\f/>]))*+"
-    for name in RAW_TEXT
+
+
+_KELVIN = "\u212a"
+
+
+def _ci(word: str) -> str:
+    """``word`` matched case-insensitively as ``str.lower()`` compares tag names (the Kelvin
+    sign lowers to 'k'), as ``[aA]`` classes: ``re`` skips a branch that starts with a class
+    its character is not in without entering it, which it does not do for ``(?i:...)``."""
+    return "".join(
+        f"[{c}{c.upper()}{_KELVIN if c == 'k' else ''}]" if c.isalpha() else re.escape(c)
+        for c in word.lower()
+    )
+
+
+def _ci_any(words: tuple[str, ...] | list[str]) -> str:
+    """One of ``words`` (case-insensitive), common prefixes factored out: a tag name is
+    compared with the one branch of its first letter, not with every word."""
+    if "" in words:
+        rest = [w for w in words if w]
+        return f"(?:{_ci_any(rest)})?" if rest else ""
+    by_first: dict[str, list[str]] = {}
+    for w in words:
+        by_first.setdefault(w[0].lower(), []).append(w[1:])
+    branches = [_ci(c) + _ci_any(tails) for c, tails in by_first.items()]
+    return branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+
+
+# One alternative per raw-text element after a shared '<' (no capture group: 3.11's re
+# mis-tracks captures inside a possessive repeat), each running to its own end tag. The end
+# tag is found with (?i:...) like _RAW_CLOSE in scan(), the start tag by str.lower() rules.
+_RAW_ELEMENTS = (
+    "<(?:"
+    + "|".join(
+        rf"{_ci(name)}{_AFTER_NAME}{_ATTRS}(?:>|\Z)(?:[^<]++|<(?!/(?i:{name})[ \t\n\r\f/>]))*+"
+        for name in RAW_TEXT
+    )
+    + ")"
 )
 _SKIP = rf"""(?:
     [^<]++
-  | <(?!(?i:{"|".join(LINK_START)}|{_RAW}){_AFTER_NAME})[A-Za-z]{_TAG_REST}
-  | </(?!(?i:{"|".join(LINK_END)}){_AFTER_NAME})[A-Za-z]{_TAG_REST}
+  | <(?!{_ci_any(LINK_START + RAW_TEXT)}{_AFTER_NAME})[A-Za-z]{_TAG_REST}
+  | </(?!{_ci_any(LINK_END)}{_AFTER_NAME})[A-Za-z]{_TAG_REST}
   | <!--(?!(?i:\[if)[^\]]*+\]>)(?:>|(?:[^-]++|-(?!->))*+(?:-->|\Z))
   | <(?:!(?!--)|\?)[^>]*+(?:>|\Z)
   | {_RAW_ELEMENTS}
@@ -208,51 +241,72 @@ _NEXT_MSO = re.compile(
     re.VERBOSE,
 )
 _RAW_CLOSE = {name: re.compile(r"</" + name + r"[ \t\n\r\f/>]", re.IGNORECASE) for name in RAW_TEXT}
-_ATTR = re.compile(
-    rf"""[ \t\n\r\f/]*+(?P<n>{_NAME})
+LINK_ATTRS = ("href", "data-mailtally")  # the attributes scan_links reports
+
+# One of LINK_ATTRS as a whole attribute name (ASCII case-insensitive, as str.lower() is for
+# these letters), then one attribute of any other name.
+_LINK_NAME = (
+    r"(?:[hH][rR][eE][fF]|[dD][aA][tT][aA]-[mM][aA][iI][lL][tT][aA][lL][lL][yY])"
+    r"(?![^ \t\n\r\f/>=])"
+)
+_OTHER_ATTR = rf"[ \t\n\r\f/]*+(?!{_LINK_NAME}){_NAME}(?:{_W}*+={_W}*+{_VALUE}|(?!{_W}*+=))"
+# The next LINK_ATTRS attribute: the others before it are skipped inside the regex, so a tag's
+# attributes cost one call per reported attribute (plus one), not one per attribute.
+_LINK_ATTR = re.compile(
+    rf"""(?:{_OTHER_ATTR})*+[ \t\n\r\f/]*+(?P<n>{_LINK_NAME})
     (?:{_W}*+={_W}*+(?:"(?P<dq>[^"]*+)"|'(?P<sq>[^']*+)'|(?!["'])(?P<uq>[^ \t\n\r\f>]*+))
       |(?!{_W}*+=))""",
     re.VERBOSE,
 )
 
 
-LINK_ATTRS = ("href", "data-mailtally")  # the attributes scan_links reports
-
-
 def _attrs(text: str, start: int, end: int) -> list[Attr]:
     """The ``LINK_ATTRS`` among the attributes in ``text[start:end]`` (others are skipped)."""
     out = []
-    for m in _ATTR.finditer(text, start, end):
-        name = m.group(1)
-        if name[0] not in "hHdD":  # cheap test first: most attributes are style, class, ...
-            continue
-        name = name.lower()
-        if name not in LINK_ATTRS:
-            continue
-        attr = Attr(name, m.start(1), m.end())
+    match = _LINK_ATTR.match
+    m = match(text, start, end)
+    while m is not None:
+        attr = Attr(m.group(1).lower(), m.start(1), m.end())
         group = m.lastindex
         if group != 1:
             attr.value_start, attr.value_end = m.span(group)
             attr.quote = '"' if group == 2 else "'" if group == 3 else ""
         out.append(attr)
+        m = match(text, m.end(), end)
     return out
+
+
+# Where an href can be at all: a tag without this word has no href, so its attributes need
+# no parsing (most tags inside a conditional comment are Outlook's table markup).
+_HREF_WORD = re.compile(r"[hH][rR][eE][fF]")
 
 
 def _scan_mso(text: str, pos: int, n: int) -> Iterator[Tag]:
     """The start tags with an ``href`` in ``text[pos:n]``, the inside of a conditional comment."""
+    word = _HREF_WORD.search(text, pos, n)
+    if word is None:
+        return
+    word_at = word.start()
     match = _NEXT_MSO.match
     while pos < n:
         m = match(text, pos, n)
         if m.start("tok") < 0 or m.start("gt") < 0:
             return
-        tag = Tag(m.group("name").lower(), m.start("tok"), m.end(), False, True)
-        if m.end("name") < m.start("gt"):
-            tag.attrs = _attrs(text, m.end("name"), m.start("gt"))
-            if tag.attr("href") is not None:
-                yield tag
+        name_end, gt = m.end("name"), m.start("gt")
+        name = m.group("name").lower()
+        if name_end < gt:
+            if word_at < name_end:
+                word = _HREF_WORD.search(text, name_end, n)
+                if word is None:
+                    return
+                word_at = word.start()
+            if word_at < gt:
+                tag = Tag(name, m.start("tok"), m.end(), False, True, _attrs(text, name_end, gt))
+                if tag.attr("href") is not None:
+                    yield tag
         pos = m.end()
-        if tag.name in _RAW_CLOSE:
-            close = _RAW_CLOSE[tag.name].search(text, pos, n)
+        if name in _RAW_CLOSE:
+            close = _RAW_CLOSE[name].search(text, pos, n)
             pos = n if close is None else close.start()
 
 
@@ -297,10 +351,25 @@ def scan_links(text: str) -> list[Tag | Comment]:
 _ENTITY = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[A-Za-z][A-Za-z0-9]*;?)")
 
 
-def _entities() -> dict[str, str]:
-    from html.entities import html5
-
-    return html5
+def _ref(m: re.Match) -> str:
+    ref = m.group(1)
+    if ref.startswith("#"):
+        digits = ref[1:].rstrip(";")
+        try:
+            code = int(digits[1:], 16) if digits[:1] in "xX" else int(digits)
+        except ValueError:
+            return m.group(0)
+        if code == 0 or code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+            return "\ufffd"
+        return chr(code)
+    if ref.endswith(";"):
+        return html5.get(ref, m.group(0))
+    if ref in html5:  # legacy name without ';'
+        nxt = m.string[m.end() : m.end() + 1]
+        if nxt == "=" or nxt.isalnum():
+            return m.group(0)
+        return html5[ref]
+    return m.group(0)
 
 
 def unescape_attr(value: str) -> str:
@@ -309,26 +378,4 @@ def unescape_attr(value: str) -> str:
     Unlike ``html.unescape``, a legacy entity without ';' followed by '=' or an
     alphanumeric is left alone, so ``?a=1&region=eu`` stays as written.
     """
-    table = _entities()
-
-    def repl(m: re.Match) -> str:
-        ref = m.group(1)
-        if ref.startswith("#"):
-            digits = ref[1:].rstrip(";")
-            try:
-                code = int(digits[1:], 16) if digits[:1] in "xX" else int(digits)
-            except ValueError:
-                return m.group(0)
-            if code == 0 or code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
-                return "\ufffd"
-            return chr(code)
-        if ref.endswith(";"):
-            return table.get(ref, m.group(0))
-        if ref in table:  # legacy name without ';'
-            nxt = m.string[m.end() : m.end() + 1]
-            if nxt == "=" or nxt.isalnum():
-                return m.group(0)
-            return table[ref]
-        return m.group(0)
-
-    return _ENTITY.sub(repl, value)
+    return _ENTITY.sub(_ref, value)

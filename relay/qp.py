@@ -65,6 +65,22 @@ def decode(body: bytes, clean: bool | None = None) -> bytes:
     return b"".join(line.decoded for line in lines(body))
 
 
+def decode_checked(body: bytes) -> tuple[bytes, bool]:
+    """``(decode(body), is_clean(body))`` with one pass of binascii and a few counts.
+
+    With no lone CR, binascii turns each clean ``=`` (``=XX``, ``=\n``, ``=\r\n``) into
+    exactly the clean length rule's share, and each other ``=`` (bare, ``==``, ``= \n``, at
+    the end) into more: the decoded length is the rule's iff the body is clean.
+    """
+    cr = body.count(b"\r")
+    if cr == 0 or cr == body.count(b"\r\n"):
+        decoded = binascii.a2b_qp(body)
+        soft_crlf = body.count(b"=\r\n") if cr else 0
+        if len(decoded) == len(body) - 2 * body.count(b"=") - soft_crlf:
+            return decoded, True
+    return b"".join(line.decoded for line in lines(body)), False
+
+
 class LineIndex:
     """``locate(p)``: the encoded line holding decoded offset ``p`` (offsets asked in order)."""
 
@@ -72,7 +88,8 @@ class LineIndex:
         self.body = body
         self.clean = is_clean(body) if clean is None else clean
         self._cursor = (0, 0)
-        self._crlf_soft = b"=\r\n" in body  # else soft breaks are "=\n": 2 bytes, like "=XX"
+        # Else soft breaks are "=\n": 2 bytes, like "=XX" (no CR at all: no two-byte search).
+        self._crlf_soft = b"\r" in body and b"=\r\n" in body
         if not self.clean:
             self._lines = lines(body) or [Line(0, 0, False, b"")]
             self._starts = []
@@ -81,11 +98,6 @@ class LineIndex:
                 self._starts.append(pos)
                 pos += len(line.decoded)
             self._total = pos
-
-    def _dlen(self, a: int, b: int) -> int:
-        body = self.body
-        n = (b - a) - 2 * body.count(b"=", a, b)
-        return n - body.count(b"=\r\n", a, b) if self._crlf_soft else n
 
     def locate(self, p: int) -> tuple[int, int, int, int, bool]:
         """(encoded start, encoded end, decoded start, decoded end, ends with a soft break)."""
@@ -98,21 +110,31 @@ class LineIndex:
             line = self._lines[i]
             start = self._starts[i]
             return line.start, line.end, start, start + len(line.decoded), line.soft
-        body, n = self.body, len(self.body)
+        body = self.body
+        n = len(body)
         if n == 0:
             return 0, 0, 0, 0, False
+        # Called once or twice per edit: kept to a few C calls per line (a decoded length is
+        # the encoded one less 2 per '=', and 1 more per '=\r\n' soft break).
+        count, crlf = body.count, self._crlf_soft
         c, d = self._cursor
         while True:
             # Every encoded byte decodes to at most one: p lies at or after c + (p - d)
             # (n - 1: past the last line break there is no line to start).
-            e = min(n - 1, c + max(0, p - d))
-            line_start = max(c, body.rfind(b"\n", c, e) + 1)
+            e = c + p - d if p > d else c
+            if e > n - 1:
+                e = n - 1
+            line_start = body.rfind(b"\n", c, e) + 1
             if line_start > c:
-                d += self._dlen(c, line_start)
+                d += line_start - c - 2 * count(b"=", c, line_start)
+                if crlf:
+                    d -= count(b"=\r\n", c, line_start)
                 c = line_start
             end = body.find(b"\n", c)
             end = n if end == -1 else end + 1
-            d_end = d + self._dlen(c, end)
+            d_end = d + end - c - 2 * count(b"=", c, end)
+            if crlf:
+                d_end -= count(b"=\r\n", c, end)
             if p < d_end or end >= n:
                 self._cursor = (c, d)
                 soft = body.endswith(b"=\n", c, end) or body.endswith(b"=\r\n", c, end)

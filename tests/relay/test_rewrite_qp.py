@@ -41,6 +41,7 @@ def test_fast_path_agrees_with_the_reference(tokens, offsets):
     body = b"".join(tokens)
     reference = b"".join(line.decoded for line in qp.lines(body))
     assert qp.decode(body) == reference
+    assert qp.decode_checked(body) == (reference, qp.is_clean(body))
     fast, slow = qp.LineIndex(body), qp.LineIndex(body, clean=False)
     assert fast.clean == qp.is_clean(body)
     for p in sorted(min(o, len(reference)) for o in offsets):

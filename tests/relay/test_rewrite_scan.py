@@ -86,6 +86,14 @@ FRAGMENTS = [
     "<a style='x' HREF=v data-mailtally = 'notrack' href=dup>",
     "<1>",
     "< a>",
+    # Tag names compare as str.lower() does: the Kelvin sign is a 'k', the long s and the
+    # dotted/dotless i are not letters of a name (regex (?i:...) would say they are).
+    "<\u017ftyle>",
+    "</\u017ftyle>",
+    "<bloc\u212aquote>",
+    "</bloc\u212aquote>",
+    "<\u0130frame>",
+    "<!--[\u0131f mso]>",
 ]
 
 

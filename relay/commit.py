@@ -12,6 +12,10 @@ nobody waits for a timer.
 
 If a batch cannot be made durable (disk error, database locked for too long), every
 message in it fails and nothing of it stays queued (no spool name, no row).
+
+The work is split in two stages that overlap (rows and rendering of one batch while the
+previous one is written and fsync'd): rendering on the same thread as the fsyncs made the
+committer the accept path's bottleneck, its CPU and its disk waits strictly in turn.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import config
 import store
@@ -32,12 +37,23 @@ Job = submit.Prepared | list[outbox.Copy]
 
 
 class GroupCommitter:
-    """Durable queueing of copies for the submission server (used from its event loop)."""
+    """Durable queueing of copies for the submission server (used from its event loop).
+
+    Two stages, each in a thread and on a database connection of its own, so that one
+    batch's disk work overlaps the next batch's CPU work: ``executor`` records the rows and
+    renders the copies of batch N+1 while ``queue_executor`` writes, fsyncs and commits
+    the copies of batch N. Batches go through the second stage one at a time, in order,
+    so outbox ids keep acceptance order.
+    """
 
     def __init__(self, settings: config.Settings) -> None:
         self.settings = settings
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-commit")
-        self.db = store.connect(settings.db_path, migrate=False)
+        self.queue_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-queue")
+        # Rows: committed without waiting for the disk; the queue connection's FULL commit
+        # of the outbox rows syncs them too (one WAL file, written in order).
+        self.db = store_outbox.durable(store.connect(settings.db_path, migrate=False), False)
+        self.queue_db = store_outbox.durable(store.connect(settings.db_path, migrate=False))
         self._waiting: list[tuple[Job, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
         self.batches = 0  # how many commits were made (for tests and benchmarks)
@@ -59,38 +75,47 @@ class GroupCommitter:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        while self._waiting:
+        queueing: asyncio.Task | None = None  # the previous batch's second stage
+        while self._waiting or queueing is not None:
+            if not self._waiting:
+                await queueing
+                queueing = None
+                continue
             batch, self._waiting = self._waiting, []
             try:
-                ids = await loop.run_in_executor(self.executor, self._write, [j for j, _ in batch])
-            except BaseException as exc:  # every waiting session must hear, whatever happened
-                if not isinstance(exc, Exception):
-                    exc = RuntimeError(f"group commit interrupted: {exc!r}")
-                log.warning("relay: could not queue %d message(s): %s", len(batch), exc)
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                made = await loop.run_in_executor(self.executor, self._make, [j for j, _ in batch])
+            except BaseException as exc:
+                _fail(batch, exc)
                 continue
-            self.batches += 1
-            for (_, fut), job_ids in zip(batch, ids, strict=True):
-                if fut.done():
-                    continue
-                if isinstance(job_ids, Exception):
-                    fut.set_exception(job_ids)
-                else:
-                    fut.set_result(job_ids)
+            if queueing is not None:
+                await queueing  # one batch in the second stage at a time, in order
+            queueing = asyncio.create_task(self._queue(batch, made), name="relay-queue")
 
-    def _write(self, jobs: list[Job]) -> list[list[int] | Exception]:
-        """Rows, copies, one spool file, one commit (runs in the committer thread).
+    async def _queue(self, batch: list[tuple[Job, asyncio.Future]], made: _Made) -> None:
+        try:
+            ids = await asyncio.get_running_loop().run_in_executor(
+                self.queue_executor, self._enqueue, made
+            )
+        except BaseException as exc:
+            _fail(batch, exc)
+            return
+        self.batches += 1
+        for (_, fut), job_ids in zip(batch, ids, strict=True):
+            if fut.done():
+                continue
+            if isinstance(job_ids, Exception):
+                fut.set_exception(job_ids)
+            else:
+                fut.set_result(job_ids)
 
-        A message whose copies cannot be made (e.g. its ingest hand-off fails) fails alone;
-        a failure of the shared steps fails the batch.
-        """
+    def _make(self, jobs: list[Job]) -> _Made:
+        """First stage: the batch's rows in one transaction, then its copies (committer
+        thread). A message whose copies cannot be made (e.g. its ingest hand-off fails)
+        fails alone; a failure of the shared steps fails the batch."""
         messages = [j for j in jobs if isinstance(j, submit.Prepared)]
         failed: dict[int, Exception] = {}
         try:
             if messages:
-                store_outbox.durable(self.db, full=False)  # made durable by the commit below
                 with transaction(self.db):
                     for m in messages:
                         submit.record(self.db, m)
@@ -102,27 +127,58 @@ class GroupCommitter:
                             log.warning("relay: could not queue a message: %s", exc)
                             failed[i] = exc
                             submit.discard(self.db, job)
-            per_job = [
-                [] if i in failed else (j.copies if isinstance(j, submit.Prepared) else j)
-                for i, j in enumerate(jobs)
-            ]
-            copies = [c for cs in per_job for c in cs]
-            # One file, one directory fsync, one durable commit; its names go if that fails.
-            store_outbox.durable(self.db)
-            ids = outbox.enqueue_copies(self.settings, self.db, copies)
         except BaseException:
             if self.db.conn.in_transaction:  # a failed COMMIT can leave it open
                 self.db.conn.rollback()
             for m in messages:
                 submit.discard(self.db, m)
             raise
+        per_job = [
+            [] if i in failed else (j.copies if isinstance(j, submit.Prepared) else j)
+            for i, j in enumerate(jobs)
+        ]
+        return _Made(messages, per_job, failed)
+
+    def _enqueue(self, made: _Made) -> list[list[int] | Exception]:
+        """Second stage: one spool file, one directory fsync, one durable commit of the
+        outbox rows (queue thread); if that fails, the batch's rows go too."""
+        copies = [c for cs in made.per_job for c in cs]
+        try:
+            ids = outbox.enqueue_copies(self.settings, self.queue_db, copies)
+        except BaseException:
+            if self.queue_db.conn.in_transaction:
+                self.queue_db.conn.rollback()
+            for m in made.messages:
+                submit.discard(self.queue_db, m)
+            raise
         out: list[list[int] | Exception] = []
         n = 0
-        for i, cs in enumerate(per_job):
-            out.append(failed[i] if i in failed else ids[n : n + len(cs)])
+        for i, cs in enumerate(made.per_job):
+            out.append(made.failed[i] if i in made.failed else ids[n : n + len(cs)])
             n += len(cs)
         return out
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+        self.queue_executor.shutdown(wait=True)
         self.db.close()
+        self.queue_db.close()
+
+
+@dataclass
+class _Made:
+    """A batch between the two stages: its messages, each job's copies, who failed."""
+
+    messages: list[submit.Prepared]
+    per_job: list[list[outbox.Copy]]
+    failed: dict[int, Exception]
+
+
+def _fail(batch: list[tuple[Job, asyncio.Future]], exc: BaseException) -> None:
+    """Every waiting session of a failed batch hears, whatever happened."""
+    if not isinstance(exc, Exception):
+        exc = RuntimeError(f"group commit interrupted: {exc!r}")
+    log.warning("relay: could not queue %d message(s): %s", len(batch), exc)
+    for _, fut in batch:
+        if not fut.done():
+            fut.set_exception(exc)

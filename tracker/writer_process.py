@@ -94,6 +94,9 @@ class WriterProcess:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
+            # Signals ignored before the imports: a group SIGTERM at start must not kill it.
+            "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
             "from tracker.writer_process import main; main()",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,

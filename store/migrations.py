@@ -239,6 +239,14 @@ DROP INDEX idx_events_caused_by;
 CREATE INDEX idx_events_caused_by ON events(caused_by) WHERE caused_by IS NOT NULL;
 """
 
+# The same for the contact index: lookups by contact (timelines, recomputed properties,
+# erasure) filter and sort a contact's few events themselves; a text column in the key
+# made it the dearest index per insert. Anonymous events name no contact.
+TRACKER_CONTACT_INDEX = """
+DROP INDEX idx_events_contact;
+CREATE INDEX idx_events_contact ON events(contact_id) WHERE contact_id IS NOT NULL;
+"""
+
 MIGRATIONS: list[Migration] = [
     ("0001_core_schema", CORE_SCHEMA),
     ("0002_report_indexes", REPORT_INDEXES),
@@ -250,6 +258,7 @@ MIGRATIONS: list[Migration] = [
     ("reports_0004_events_link", report_schema.EVENTS_LINK),
     ("reports_0005_batch_gate", report_schema.install_batch_gate),
     ("tracker_0002_lean_event_indexes", TRACKER_LEAN_EVENT_INDEXES),
+    ("tracker_0003_contact_index", TRACKER_CONTACT_INDEX),
 ]
 
 

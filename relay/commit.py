@@ -22,18 +22,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import config
 import store
-from relay import outbox, submit
+from relay import outbox, prepare_process, submit
 from store import outbox as store_outbox
 from store.sql import transaction
 
 log = logging.getLogger("mailtally.relay.commit")
 
 Job = submit.Prepared | list[outbox.Copy]
+Renderer = Callable[[list[tuple["prepare_process.PlanRef", list[int]]]], list]
 
 
 class GroupCommitter:
@@ -46,8 +48,9 @@ class GroupCommitter:
     so outbox ids keep acceptance order.
     """
 
-    def __init__(self, settings: config.Settings) -> None:
+    def __init__(self, settings: config.Settings, renderer: Renderer | None = None) -> None:
         self.settings = settings
+        self.renderer = renderer  # renders plans kept elsewhere (relay.prepare_process)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-commit")
         self.queue_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-queue")
         # Rows: committed without waiting for the disk; the queue connection's FULL commit
@@ -119,10 +122,21 @@ class GroupCommitter:
                 with transaction(self.db):
                     for m in messages:
                         submit.record(self.db, m)
+                remote = [
+                    (j.plan, j.delivery_ids)
+                    for j in messages
+                    if isinstance(j.plan, prepare_process.PlanRef)
+                ]
+                rendered = iter(self.renderer(remote) if remote else [])
                 for i, job in enumerate(jobs):
                     if isinstance(job, submit.Prepared):
+                        copies = (
+                            next(rendered)
+                            if isinstance(job.plan, prepare_process.PlanRef)
+                            else None
+                        )
                         try:
-                            submit.render(self.settings, self.db, job)
+                            submit.render(self.settings, self.db, job, copies)
                         except Exception as exc:
                             log.warning("relay: could not queue a message: %s", exc)
                             failed[i] = exc

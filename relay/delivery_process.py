@@ -20,6 +20,14 @@ So a relay restarted at once after a crash never has two workers on the same row
 child starts only once the old child (still finishing a send) has committed and exited.
 The lock goes with the process, whatever way it ends.
 
+Priority: the child runs at ``nice`` +10. A client waits for its 250 while a queued copy
+waits for nobody, so when both want the same core the accept path goes first. Queued mail
+still drains: the scheduler never starves a niced process (at +10 it gets about a tenth of
+a contended core, all of an idle one), and the relay's accept path is one process under
+one GIL, so on two or more cores it cannot keep more than one of them busy: the rest is
+the worker's. During a burst on a small machine the queue grows and is worked off when
+the burst ends; the copies are on disk meanwhile.
+
 Crash recovery of spool names without a row (``relay.outbox.recover``) is done by the
 parent before it listens, never by the child: the parent's committer writes names before
 their rows, and a child scanning concurrently would queue them twice. An old child that
@@ -44,6 +52,7 @@ import config
 log = logging.getLogger("mailtally.relay.delivery")
 
 LOCK_NAME = "relay-delivery.lock"
+NICE = 10  # CPU priority below the accept path's (see "Priority" in the module docstring)
 RESPAWN_DELAY = 1.0  # seconds before a child that died on its own is started again
 ROOT = Path(__file__).resolve().parent.parent  # where ``relay`` is imported from
 
@@ -144,6 +153,8 @@ def main() -> None:
     except EOFError:
         return
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    with contextlib.suppress(OSError):
+        os.nice(NICE)
     asyncio.run(_serve(settings))
 
 

@@ -25,7 +25,7 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 import config
 import store
 from ingest.smtpdata import StreamedDataSMTP
-from relay import authguard, submit
+from relay import authguard, prepare_process, submit
 from relay.commit import GroupCommitter
 from store import addresses
 from store import users as store_users
@@ -106,18 +106,18 @@ class RelaySMTP(StreamedDataSMTP):
 
 
 class Handler:
-    """aiosmtpd hooks; the slow work runs off the event loop, in three threads of its own.
+    """aiosmtpd hooks; the slow work runs off the event loop.
 
-    ``executor``: checks and rewriting plans, one message at a time (reads only);
+    ``preparer``: checks, rewriting plans and rendering, in a process of its own
+    (``relay.prepare_process``: most of the CPU per message, off this process's GIL);
     ``committer``: rows, copies and durable queueing of every waiting message at once;
     ``auth_executor``: scrypt.
     """
 
     def __init__(self, settings: config.Settings, on_queued=None) -> None:
         self.settings = settings
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-submit")
-        self.db = store.connect(settings.db_path)
-        self.committer = GroupCommitter(settings)
+        self.preparer = prepare_process.PrepareProcess(settings)
+        self.committer = GroupCommitter(settings, renderer=self.preparer.render)
         self.auth_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-auth")
         self.auth_db = store.connect(settings.db_path, migrate=False)  # used by auth_executor
         self.limiter = authguard.FailureLimiter(
@@ -127,14 +127,10 @@ class Handler:
         self.on_queued = on_queued
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True)
         self.auth_executor.shutdown(wait=True)
         self.committer.close()
-        self.db.close()
+        self.preparer.close()
         self.auth_db.close()
-
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     # --- AUTH ---------------------------------------------------------------------------------
 
@@ -173,7 +169,7 @@ class Handler:
             return "530 5.7.0 Authentication required"
         addr = addresses.normalize(address)
         # A quick read on the auth thread's connection: MAIL need not queue behind the
-        # rewriting of other sessions' messages in ``executor``.
+        # rewriting of other sessions' messages in ``preparer``.
         own = await asyncio.get_running_loop().run_in_executor(
             self.auth_executor, submit.user_addresses, self.auth_db, user["id"]
         )
@@ -200,14 +196,8 @@ class Handler:
         if isinstance(data, str):
             data = data.encode("utf-8", "surrogateescape")
         try:
-            prepared = await self._run(
-                submit.prepare,
-                self.settings,
-                self.db,
-                user,
-                envelope.mail_from,
-                list(envelope.rcpt_tos),
-                data,
+            prepared = await self.preparer.prepare(
+                user, envelope.mail_from, list(envelope.rcpt_tos), data
             )
         except submit.Refused as exc:
             return exc.reply

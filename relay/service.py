@@ -33,6 +33,7 @@ class RelayService:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, _recover, self.settings)
         await self.worker.start()
+        await self.handler.preparer.start()
         host, port = config.parse_hostport("relay.listen", self.settings.relay.listen)
         self.servers.append(
             await loop.create_server(server.factory(self.settings, self.handler), host, port)

@@ -197,27 +197,36 @@ def record(db: sqlite_utils.Database, prepared: Prepared) -> None:
     prepared.delivery_ids = delivery_ids
 
 
-def render(settings: config.Settings, db: sqlite_utils.Database, prepared: Prepared) -> None:
+def render(
+    settings: config.Settings,
+    db: sqlite_utils.Database,
+    prepared: Prepared,
+    rendered: list[bytes] | Exception | None = None,
+) -> None:
     """Make the copies to queue: one rewritten copy per recipient group, the original to
-    the user's own addresses. A rewriting failure sends the original (and is recorded)."""
+    the user's own addresses. A rewriting failure sends the original (and is recorded).
+
+    ``rendered``: the rewritten copies (or the error) when they were rendered elsewhere
+    (``relay.prepare_process``, whose plans stay in its worker)."""
     result = prepared.result
     decision = result.decision
     copies = prepared.copies = []
     base = dict(mail_from=prepared.mail_from, user_id=prepared.user_id, email_id=result.email_id)
     if result.external:
-        rendered: list[bytes] | None = None
-        if prepared.plan is not None:
+        if prepared.plan is not None and rendered is None:
             try:
-                rendered = _render_copies(settings, prepared.plan, prepared.delivery_ids)
+                rendered = render_copies(settings, prepared.plan, prepared.delivery_ids)
             except Exception as exc:  # fail open
-                error = f"rewrite: {type(exc).__name__}: {exc}"
-                sent.set_rewrite_error(
-                    db, result.email_id, error + "\n" + traceback.format_exc(limit=3)
-                )
-                decision.track_opens = decision.track_clicks = False
-                decision.reason = "rewrite-failed: " + error
-                result.rewrite_error = error
-                rendered = None
+                rendered = exc
+        if isinstance(rendered, Exception):  # fail open
+            exc = rendered
+            error = f"rewrite: {type(exc).__name__}: {exc}"
+            trace = "".join(traceback.format_exception(exc, limit=3))
+            sent.set_rewrite_error(db, result.email_id, error + "\n" + trace)
+            decision.track_opens = decision.track_clicks = False
+            decision.reason = "rewrite-failed: " + error
+            result.rewrite_error = error
+            rendered = None
         for i, (group, delivery_id) in enumerate(
             zip(prepared.groups, prepared.delivery_ids, strict=True)
         ):
@@ -287,7 +296,8 @@ def _plan(settings, analysis, decision):
     )
 
 
-def _render_copies(settings, plan, delivery_ids) -> list[bytes]:
+def render_copies(settings, plan, delivery_ids) -> list[bytes]:
+    """Each delivery's rewritten copy of a planned message."""
     signer = tokens.Signer(settings.tracker.secrets)
     base_url = settings.tracker.base_url
     out = []

@@ -145,7 +145,8 @@ async def test_decisions_are_stored_and_control_headers_removed(settings, alice,
         users.set_defaults(db, "alice@corp.test", opens=False, clicks=False)
         await submit(settings, ["carol@client.test"], html_message(HTML))
         users.set_defaults(db, "alice@corp.test", opens=True, clicks=True)
-        settings.general.tracking_enabled = False
+    settings.general.tracking_enabled = False  # settings are read when the relay starts
+    async with running_relay(settings):
         await submit(
             settings,
             ["carol@client.test"],

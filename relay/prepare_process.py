@@ -1,0 +1,270 @@
+"""Checking, planning and rendering each message's rewrite in a process of its own.
+
+Why: the relay's accept path is one process under one GIL, and analysing, planning and
+rendering the tracked copies (``relay.rewrite``) was about two thirds of its CPU per
+message; with the SMTP sessions, the group commit and the delivery worker on the same
+GIL, that capped accepting well below what the machine can do. Here they run in one
+worker process (``concurrent.futures.ProcessPoolExecutor`` of one, started from a fresh
+interpreter: the relay's process has threads, so it is never forked).
+
+What crosses the pipe: to the worker the message and its envelope; back a
+``submit.Prepared`` whose rewrite plan stays in the worker (plans are not picklable and
+are rendered there anyway) and is named by a :class:`PlanRef` that carries what the
+parent needs of it (the tracked links it records). After the parent has recorded the rows
+and knows the delivery ids, :meth:`PrepareProcess.render` has the worker render each
+message's copies and drop its plan. Plans whose render never comes (a batch that failed
+first) are dropped oldest first past ``MAX_PLANS``; a render that finds its plan gone
+fails open, as any rendering error does (the original goes out, the error is recorded).
+
+If the worker dies (OOM killer), the messages under way get 451 (a render fails open)
+and the next message starts a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import config
+
+MAX_PLANS = 4096  # plans kept for renders still to come (a batch is far smaller)
+ROOT = Path(__file__).resolve().parent.parent  # where ``relay`` is imported from
+
+
+class WorkerGone(Exception):
+    """The prepare worker exited before it answered."""
+
+
+@dataclass
+class PlanRef:
+    """A rewrite plan that stays in the worker process: its key and its tracked links."""
+
+    key: int
+    tracked_links: list
+
+
+class _Worker:
+    """One worker process, the thread that writes its requests and the one that reads its
+    replies (the event loop never blocks on a full pipe, and a reply being read never
+    waits for a request being written)."""
+
+    def __init__(self, settings: config.Settings) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from relay.prepare_process import main; main()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        self.lock = threading.Lock()  # guards ``waiting`` and ``alive``
+        self.waiting: dict[int, Future] = {}
+        self.ids = itertools.count(1)
+        self.alive = True
+        self.requests: queue.SimpleQueue = queue.SimpleQueue()
+        self.requests.put(settings)
+        self.writer = threading.Thread(target=self._write, name="relay-prepare-w", daemon=True)
+        self.reader = threading.Thread(target=self._read, name="relay-prepare-r", daemon=True)
+        self.writer.start()
+        self.reader.start()
+
+    def call(self, op: str, *args) -> Future:
+        fut: Future = Future()
+        with self.lock:
+            if not self.alive:
+                fut.set_exception(WorkerGone("the prepare worker exited"))
+                return fut
+            n = next(self.ids)
+            self.waiting[n] = fut
+        self.requests.put((n, op, args))
+        return fut
+
+    def _write(self) -> None:
+        stdin = self.proc.stdin
+        while (item := self.requests.get()) is not None:
+            try:
+                _send(stdin, item)
+            except OSError:  # the worker is gone: the reader fails what is waiting
+                break
+        try:
+            stdin.close()
+        except OSError:
+            pass
+
+    def _read(self) -> None:
+        out = self.proc.stdout
+        while True:
+            try:
+                n, ok, value = _receive(out)
+            except (EOFError, OSError, pickle.UnpicklingError):
+                break
+            with self.lock:
+                fut = self.waiting.pop(n, None)
+            if fut is not None:
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+        with self.lock:
+            self.alive = False
+            waiting, self.waiting = self.waiting, {}
+        for fut in waiting.values():
+            fut.set_exception(WorkerGone("the prepare worker exited"))
+
+    def close(self) -> None:
+        self.requests.put(None)  # EOF once what is queued is written
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.writer.join(5)
+        self.reader.join(5)
+
+
+class PrepareProcess:
+    """Parent side: ``prepare`` from the event loop, ``render`` from the committer thread."""
+
+    def __init__(self, settings: config.Settings) -> None:
+        self.settings = settings
+        self._worker: _Worker | None = None
+        self._lock = threading.Lock()
+
+    def _current(self) -> _Worker:
+        with self._lock:
+            if self._worker is None or not self._worker.alive:
+                if self._worker is not None:
+                    self._worker.proc.wait()
+                self._worker = _Worker(self.settings)
+            return self._worker
+
+    async def start(self) -> None:
+        """Start the worker now rather than on the first message (its imports take a while)."""
+        await asyncio.wrap_future(self._current().call("ready"))
+
+    async def prepare(self, user: dict, mail_from: str, rcpts: list[str], data: bytes):
+        """``submit.prepare`` in the worker (raises ``submit.Refused`` as it does)."""
+        fut = self._current().call("prepare", user, mail_from, rcpts, data)
+        return await asyncio.wrap_future(fut)
+
+    def render(self, jobs: list[tuple[PlanRef, list[int]]]) -> list[list[bytes] | Exception]:
+        """Copies of each (plan, delivery ids), one entry per job (blocking: called from the
+        committer thread). An exception in place of copies means: send the original."""
+        if not jobs:
+            return []
+        try:
+            return self._current().call("render", [(r.key, ids) for r, ids in jobs]).result()
+        except WorkerGone as exc:
+            return [exc] * len(jobs)
+
+    def close(self) -> None:
+        with self._lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.close()
+
+
+def _send(fh, obj) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    fh.write(len(data).to_bytes(8, "big"))
+    fh.write(data)
+    fh.flush()
+
+
+def _receive(fh):
+    head = fh.read(8)
+    if len(head) < 8:
+        raise EOFError
+    size = int.from_bytes(head, "big")
+    data = fh.read(size)
+    if len(data) < size:
+        raise EOFError
+    return pickle.loads(data)
+
+
+# ---------------------------------------------------------------------- in the worker
+
+_settings: config.Settings | None = None
+_db = None
+_plans: OrderedDict[int, object] = OrderedDict()
+_keys = itertools.count(1)
+
+
+def main() -> None:
+    """The worker (``python -c``): settings, then requests until EOF on stdin."""
+    import signal
+
+    import store
+    from relay import submit  # noqa: F401 (imported now, not on the first message)
+
+    global _settings, _db
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the relay, which stops us
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # stray prints must not corrupt the replies
+    try:
+        _settings = _receive(stdin)
+    except EOFError:
+        return
+    _db = store.connect(_settings.db_path, migrate=False)
+    ops = {"ready": lambda: True, "prepare": _prepare, "render": _render}
+    while True:
+        try:
+            n, op, args = _receive(stdin)
+        except EOFError:
+            return
+        try:
+            reply = (n, True, ops[op](*args))
+        except Exception as exc:
+            reply = (n, False, _picklable(exc))
+        try:
+            _send(stdout, reply)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            _send(stdout, (n, False, RuntimeError(f"reply not picklable: {exc}")))
+
+
+def _prepare(user: dict, mail_from: str, rcpts: list[str], data: bytes):
+    from relay import submit
+
+    prepared = submit.prepare(_settings, _db, user, mail_from, rcpts, data)
+    if prepared.plan is not None:
+        key = next(_keys)
+        _plans[key] = prepared.plan
+        while len(_plans) > MAX_PLANS:
+            _plans.popitem(last=False)
+        prepared.plan = PlanRef(key, list(prepared.plan.tracked_links))
+    return prepared
+
+
+def _render(jobs: list[tuple[int, list[int]]]) -> list[list[bytes] | Exception]:
+    from relay import submit
+
+    out: list[list[bytes] | Exception] = []
+    for key, delivery_ids in jobs:
+        plan = _plans.pop(key, None)
+        if plan is None:
+            out.append(LookupError("rewrite plan gone (evicted)"))
+            continue
+        try:
+            out.append(submit.render_copies(_settings, plan, delivery_ids))
+        except Exception as exc:  # fail open, as in-process rendering does
+            out.append(_picklable(exc))
+    return out
+
+
+def _picklable(exc: Exception) -> Exception:
+    """``exc`` if it survives the trip to the parent, else a RuntimeError that says what it was."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")

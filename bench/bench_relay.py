@@ -106,6 +106,7 @@ async def relay_accept(quick: bool) -> dict:
     import cli
     import store
     from relay import service
+    from store import outbox as store_outbox
     from store import users
 
     sink_port = free_port()
@@ -129,9 +130,17 @@ async def relay_accept(quick: bool) -> dict:
             Path(path).unlink()
     finally:
         batches = svc.handler.committer.batches
+        db = store.connect(s.db_path)
+        queued = store_outbox.counts(db)
+        db.close()
         await svc.stop()
         await stop_sink(sink)
-        print(f"relay: {batches} group commits", file=sys.stderr)
+        waiting = sum(queued.get(k, 0) for k in store_outbox.ACTIVE)
+        print(
+            f"relay: {batches} group commits; {queued.get('sent', 0)} copies delivered, "
+            f"{waiting} still queued when the load ended (the niced worker catches up after)",
+            file=sys.stderr,
+        )
 
 
 def postfix(quick: bool) -> dict:

@@ -23,9 +23,9 @@ The lock goes with the process, whatever way it ends.
 Priority: the child runs at ``nice`` +10. A client waits for its 250 while a queued copy
 waits for nobody, so when both want the same core the accept path goes first. Queued mail
 still drains: the scheduler never starves a niced process (at +10 it gets about a tenth of
-a contended core, all of an idle one), and the relay's accept path is one process under
-one GIL, so on two or more cores it cannot keep more than one of them busy: the rest is
-the worker's. During a burst on a small machine the queue grows and is worked off when
+a contended core, all of an idle one), and the relay's accept path can keep at most two
+cores busy (its own process and the prepare worker, one GIL each): on a bigger machine the
+rest is the worker's. During a burst on a small machine the queue grows and is worked off when
 the burst ends; the copies are on disk meanwhile.
 
 Crash recovery of spool names without a row (``relay.outbox.recover``) is done by the

@@ -207,3 +207,39 @@ async def test_sigkill_during_a_burst_loses_no_accepted_message(tmp_path):
     rows = [r for r in store_outbox.listing(db, ["sent"]) if Path(r["spool_path"]) in leftovers]
     assert not leftovers, f"{len(leftovers)} spool files left after everything was sent: {rows}"
     db.close()
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found |= {int(c) for c in (task / "children").read_text().split()}
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+async def test_a_sigkilled_relay_leaves_no_worker_process_behind(tmp_path):
+    """The delivery and prepare workers end when the relay is SIGKILLed (EOF on their
+    pipe): no orphan keeps delivering beside the relay that is started next."""
+    settings = cli.initialise(tmp_path / "data")
+    settings.relay.listen = f"127.0.0.1:{free_port()}"
+    up = Upstream()
+    await up.start()
+    relay = RelayProcess(settings, up.port, tmp_path / "relay.log")
+    try:
+        await relay.start()
+        workers = await wait_for(lambda: len(c := _children(relay.proc.pid)) >= 2 and c)
+        await relay.kill()
+        await wait_for(lambda: not any(_alive(p) for p in workers), timeout=30)
+    finally:
+        await relay.stop()
+        await up.stop()

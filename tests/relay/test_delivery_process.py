@@ -76,3 +76,43 @@ async def test_the_relay_starts_the_worker_again_when_it_dies(settings, alice, u
         await wait_for(lambda: len(upstream.messages) == 1, timeout=30)
     finally:
         await svc.stop()
+
+
+async def test_rewriting_runs_in_a_worker_process_that_is_replaced_when_it_dies(
+    settings, alice, upstream
+):
+    """Plans and renders happen in ``relay.prepare_process``; a dead worker costs the
+    messages under way a 451 at most, and the next message gets a new worker."""
+    from relay import service
+
+    settings.relay.upstream_starttls = False
+    svc = await service.start(settings)
+    try:
+        preparer = svc.handler.preparer
+        first = preparer._worker.proc
+        assert first.pid != os.getpid() and first.poll() is None
+        await submit(settings, "carol@client.test")
+        first.kill()
+        await asyncio.to_thread(first.wait)
+        await submit(settings, "dave@client.test")
+        assert preparer._worker.proc.pid != first.pid
+        await wait_for(lambda: len(upstream.messages) == 2, timeout=30)
+    finally:
+        await svc.stop()
+    assert first.returncode is not None and preparer._worker is None
+    for _, _, data in upstream.messages:  # both copies were rewritten (tracked)
+        assert b"https://t.example/" in data
+
+
+async def test_a_render_whose_plan_is_gone_fails_open(settings):
+    from relay import prepare_process
+
+    preparer = prepare_process.PrepareProcess(settings)
+    try:
+        await preparer.start()
+        (out,) = await asyncio.to_thread(
+            preparer.render, [(prepare_process.PlanRef(10**9, []), [1])]
+        )
+    finally:
+        await asyncio.to_thread(preparer.close)
+    assert isinstance(out, LookupError)

@@ -191,7 +191,7 @@ def has_visible_content(text: str, meaning: Callable[[str], str] = lambda s: s) 
     cursor = 0
     raw = False
     in_head = False
-    for tok in scan(text):
+    for tok in scan(text, attrs=False):
         if isinstance(tok, Tag) and tok.mso:
             continue
         gap = text[cursor : tok.start]

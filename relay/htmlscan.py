@@ -121,10 +121,29 @@ def _parse_tag(text: str, i: int, n: int):
         tag.attrs.append(attr)
 
 
+def _bare_tag(text: str, i: int, n: int):
+    """``_parse_tag`` without the attributes (``attrs`` left empty): the tag's end is found by
+    the compiled grammar in one call instead of a Python loop over every attribute."""
+    m = _BARE_TAG.match(text, i + 1, n)
+    if m is None:
+        return None
+    if m.start(3) < 0:
+        return _OPEN
+    return Tag(m.group(2).lower(), i, m.end(), bool(m.group(1)))
+
+
 def scan(
-    text: str, start: int = 0, end: int | None = None, mso: bool = False
+    text: str,
+    start: int = 0,
+    end: int | None = None,
+    mso: bool = False,
+    attrs: bool = True,
 ) -> Iterator[Tag | Comment]:
-    """Tags and comments of ``text[start:end]`` in document order, with absolute positions."""
+    """Tags and comments of ``text[start:end]`` in document order, with absolute positions.
+
+    ``attrs=False``: tags come without their attributes (for callers that look only at names
+    and positions: cheaper)."""
+    parse_tag = _parse_tag if attrs else _bare_tag
     n = len(text) if end is None else end
     i = start
     while True:
@@ -138,7 +157,8 @@ def scan(
             if cond and not mso:
                 inner_end = text.rfind("<![endif]", cond.end(), stop)
                 yield Comment(i, stop, True)
-                yield from scan(text, cond.end(), inner_end if inner_end != -1 else stop, True)
+                inner = inner_end if inner_end != -1 else stop
+                yield from scan(text, cond.end(), inner, True, attrs)
             else:
                 yield Comment(i, stop, False)
             i = stop
@@ -147,7 +167,7 @@ def scan(
             close = text.find(">", i + 2, n)
             i = n if close == -1 else close + 1
             continue
-        tag = _parse_tag(text, i, n)
+        tag = parse_tag(text, i, n)
         if tag is _OPEN:
             return
         if tag is None:
@@ -172,6 +192,8 @@ _NAME = r"[^ \t\n\r\f/>][^ \t\n\r\f/>=]*+"
 _VALUE = r"""(?:"[^"]*+(?:"|\Z)|'[^']*+(?:'|\Z)|[^ \t\n\r\f>]*+)"""
 _ATTRS = rf"(?:[ \t\n\r\f/]*+{_NAME}(?:{_W}*+={_W}*+{_VALUE}|(?!{_W}*+=)))*+[ \t\n\r\f/]*+"
 _TAG_REST = rf"[^ \t\n\r\f/>]*+{_ATTRS}(?:>|\Z)"  # after the first letter of the name
+# A whole tag after its '<' (as _parse_tag reads it): 3 is the '>', unmatched when left open.
+_BARE_TAG = re.compile(rf"(/?)([A-Za-z][^ \t\n\r\f/>]*+){_ATTRS}(?:(>)|\Z)")
 _AFTER_NAME = r"(?=[ \t\n\r\f/>])"
 
 

@@ -72,7 +72,7 @@ def decode_checked(body: bytes) -> tuple[bytes, bool]:
     exactly the clean length rule's share, and each other ``=`` (bare, ``==``, ``= \n``, at
     the end) into more: the decoded length is the rule's iff the body is clean.
     """
-    cr = body.count(b"\r")
+    cr = body.count(b"\r") if b"\r" in body else 0  # `in` is a memchr, count is not
     if cr == 0 or cr == body.count(b"\r\n"):
         decoded = binascii.a2b_qp(body)
         soft_crlf = body.count(b"=\r\n") if cr else 0

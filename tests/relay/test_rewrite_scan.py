@@ -104,6 +104,22 @@ def test_scan_links_agrees_with_the_reference_scanner(parts):
     assert scan_links(text) == expected(text)
 
 
+def _positions(tokens) -> list:
+    keys = ("name", "is_end", "mso", "conditional")
+    return [(type(t), t.start, t.end, *(getattr(t, k, None) for k in keys)) for t in tokens]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=4), max_size=40))
+def test_scan_without_attributes_finds_the_same_tokens(parts):
+    """has_visible_content's cheaper scan (no attributes) ends every tag where the reference
+    does, so it sees the same text between them."""
+    text = "".join(parts)
+    bare = list(scan(text, attrs=False))
+    assert _positions(bare) == _positions(scan(text))
+    assert all(not t.attrs for t in bare if not isinstance(t, Comment))
+
+
 def test_scan_links_agrees_on_every_corpus_template():
     paths = sorted(CORPUS.rglob("*.html"))
     assert len(paths) >= 100  # the corpus is there (an empty glob would pass anything)

@@ -43,7 +43,7 @@ def pixel_html(open_url: str | None, honeypot_url: str | None) -> str:
     return out
 
 
-@dataclass
+@dataclass(slots=True)
 class LinkInfo:
     """One href found in the HTML and what was decided for it."""
 
@@ -58,7 +58,7 @@ class LinkInfo:
     end: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class Edit:
     start: int
     end: int
@@ -67,7 +67,7 @@ class Edit:
     url: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class HtmlPlan:
     links: list[LinkInfo] = field(default_factory=list)
     edits: list[Edit] = field(default_factory=list)
@@ -129,16 +129,28 @@ def plan_html(
                 )
                 mso_tags.append((tag, info))
             continue
-        if tag.name == "blockquote":
-            depth = max(0, depth + (-1 if tag.is_end else 1))
-        elif tag.is_end and tag.name == "body" and depth == 0:
-            body_close = tag.start
-        elif tag.is_end and tag.name == "html":
-            html_close = tag.start
-        if tag.is_end or tag.name not in LINK_TAGS:
+        name = tag.name
+        if tag.is_end:
+            if name == "blockquote":
+                depth = max(0, depth - 1)
+            elif name == "body":
+                if depth == 0:
+                    body_close = tag.start
+            elif name == "html":
+                html_close = tag.start
             continue
-        href = tag.attr("href")
-        marker = tag.attr("data-mailtally")
+        if name == "blockquote":
+            depth += 1
+            continue
+        if name not in LINK_TAGS or not tag.attrs:  # no href, no marker
+            continue
+        href = marker = None  # the first of each (scan_links reports only these two)
+        for a in tag.attrs:
+            if a.name == "href":
+                if href is None:
+                    href = a
+            elif a.name == "data-mailtally" and marker is None:
+                marker = a
         notrack = marker is not None and meaning(marker.value(text)).strip().lower() == "notrack"
         if marker is not None and notrack:
             plan.edits.append(Edit(_attr_removal_start(text, marker.start), marker.end, "remove"))

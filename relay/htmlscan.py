@@ -342,29 +342,29 @@ def scan_links(text: str) -> list[Tag | Comment]:
     pos = 0
     match = _NEXT.match
     tok_g, cond_g, slash_g, name_g, gt_g = _GROUPS
+    append = out.append
     while pos < n:
         m = match(text, pos)
-        i = m.start(tok_g)
+        i, end = m.span(tok_g)
         if i < 0:
             break  # the rest is text, boring markup, or a tag left open
-        if m.start(cond_g) >= 0:
+        gt = m.start(gt_g)
+        if gt < 0:
+            if m.start(cond_g) < 0:
+                break  # open at the end of the text: a browser drops it and everything after
             cond = _CONDITIONAL.match(text, i)
             close = text.find("-->", i + 4)
             stop = n if close == -1 else close + 3
             inner_end = text.rfind("<![endif]", cond.end(), stop)
-            out.append(Comment(i, stop, True))
+            append(Comment(i, stop, True))
             out.extend(_scan_mso(text, cond.end(), inner_end if inner_end != -1 else stop))
             pos = stop
             continue
-        gt = m.start(gt_g)
-        if gt < 0:
-            break  # open at the end of the text: a browser drops it and everything after
-        pos = m.end()
+        pos = end
         name_start, name_end = m.span(name_g)
-        tag = Tag(text[name_start:name_end].lower(), i, pos, m.start(slash_g) >= 0)
-        if name_end < gt:
-            tag.attrs = _attrs(text, name_end, gt)
-        out.append(tag)
+        attrs = _attrs(text, name_end, gt) if name_end < gt else []
+        is_end = m.start(slash_g) >= 0
+        append(Tag(text[name_start:name_end].lower(), i, end, is_end, False, attrs))
     return out
 
 

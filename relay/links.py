@@ -144,7 +144,8 @@ def classify(url: str, text: str, ctx: LinkContext, notrack: bool = False) -> tu
         return False, scheme
     if scheme not in ("http", "https"):
         return False, "other-scheme"
-    if _BAD_URL_CHAR.search(url):
+    # Printable ASCII without a space has neither (the regex costs more than the test).
+    if not (url.isascii() and url.isprintable() and " " not in url) and _BAD_URL_CHAR.search(url):
         return False, "invalid-url"
     host = _hostname(url)
     if not host:

@@ -189,7 +189,7 @@ def _longest(original: bytes) -> int:
 # --- per-part templates: everything that is the same in every copy, computed once -----------
 
 
-@dataclass
+@dataclass(slots=True)
 class _Group:
     """A run of whole lines that holds edits: re-made for each copy."""
 
@@ -243,6 +243,8 @@ class _PartTemplate:
 
 
 def _interleave(pieces: list[bytes], values: list[bytes], first: int) -> bytes:
+    if len(pieces) == 2:  # one edit in the group: the usual case
+        return pieces[0] + values[first] + pieces[1]
     out = [pieces[0]]
     for i, piece in enumerate(pieces[1:]):
         out.append(values[first + i])

@@ -214,11 +214,13 @@ def classify(hit: Hit, copy: Copy, recent: Sequence[Prior], rules: Rules) -> Ver
         window = hit.at - rules.address_burst_seconds
         fooled = [p.id for p in recent if p.ip == hit.ip and p.at >= window and p.id is not None]
         return _verdict("honeypot", relabel=[i for i in fooled if _human(recent, i)])
-    if any(
-        p.reason == "honeypot" and p.ip == hit.ip and hit.at - p.at <= rules.address_burst_seconds
-        for p in recent
-    ):
-        return _verdict("honeypot_client")
+    for p in recent:  # a loop, not any(genexpr): this runs for every hit and earlier hit
+        if (
+            p.reason == "honeypot"
+            and p.ip == hit.ip
+            and hit.at - p.at <= rules.address_burst_seconds
+        ):
+            return _verdict("honeypot_client")
     if not ua:
         return _verdict("empty_user_agent")
     since_delivery = hit.at - copy.delivered_at if copy.delivered_at is not None else None
@@ -251,9 +253,16 @@ def classify(hit: Hit, copy: Copy, recent: Sequence[Prior], rules: Rules) -> Ver
         if len(positions) >= 2 and (len(positions) >= copy.link_count or len(positions) >= 3):
             return _verdict("link_burst", [p.id for p in burst if _counts(p)])
     start = hit.at - rules.address_burst_seconds
-    burst = [p for p in recent if p.at >= start and p.ip and _distinct_client(p)]
-    addresses = {p.ip for p in burst} | {hit.ip}
+    # The distinct client addresses first (inlined _distinct_client: the common case is no
+    # burst, and it is decided without building the list of the burst's hits).
+    addresses = {
+        p.ip
+        for p in recent
+        if p.at >= start and p.ip and p.verdict != SELF and p.reason not in _PROXY_REASONS
+    }
+    addresses.add(hit.ip)
     if len(addresses) >= rules.address_burst_count:
+        burst = [p for p in recent if p.at >= start and p.ip and _distinct_client(p)]
         return _verdict("address_burst", [p.id for p in burst if _counts(p)])
     return _verdict("human")
 
@@ -267,8 +276,9 @@ def _human(recent: Sequence[Prior], event_id: int) -> bool:
     return any(p.id == event_id and p.verdict == HUMAN for p in recent)
 
 
+_PROXY_REASONS = frozenset({"google_image_proxy", "outlook_image_proxy", "yahoo_image_proxy"})
+
+
 def _distinct_client(p: Prior) -> bool:
     """Image proxies fetch from changing addresses for one reader: not a burst sign."""
-    return p.reason not in ("google_image_proxy", "outlook_image_proxy", "yahoo_image_proxy") and (
-        p.verdict != SELF
-    )
+    return p.reason not in _PROXY_REASONS and p.verdict != SELF

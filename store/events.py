@@ -197,6 +197,8 @@ def relabel(db: sqlite_utils.Database, ids: list[int], verdict: str, reason: str
         )
         for contact_id in {c["contact_id"] for c in changed if c["contact_id"]}:
             recompute_contact(db, contact_id)
+        # Inside a batch the summary triggers leave the cached report entries to us.
+        report_schema.refresh_emails(db, {c["email_id"] for c in changed if c["email_id"]})
     for c in changed:
         c["previous_verdict"], c["verdict"], c["reason"] = c["verdict"], verdict, reason
     return changed

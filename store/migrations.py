@@ -259,6 +259,7 @@ MIGRATIONS: list[Migration] = [
     ("reports_0005_batch_gate", report_schema.install_batch_gate),
     ("tracker_0002_lean_event_indexes", TRACKER_LEAN_EVENT_INDEXES),
     ("tracker_0003_contact_index", TRACKER_CONTACT_INDEX),
+    ("tracker_0004_batched_email_refresh", report_schema.install_batched_refresh),
 ]
 
 

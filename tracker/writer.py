@@ -301,6 +301,7 @@ class BatchWriter:
             for hit in hits:
                 notices += self._record(db, hit, batch)
             batch.flush()
+            report_schema.refresh_emails(db, batch.emails)
             for notice in notices:
                 queued += self._queue_webhooks(db, notice, batch)
             report_schema.end_batch(db)
@@ -603,6 +604,7 @@ class _Batch:
         # The summary rows of the events kept so far (report_schema.fold_counted).
         self._people: dict[tuple[int, str], list] = {}
         self._reasons: dict[tuple[int, str, str, str], int] = {}
+        self.emails: set[int] = set()  # whose report entries to re-render at the end
 
     def copy(self, ctx: dict) -> classify.Copy:
         """What the rules know of a copy (made once per copy and batch)."""
@@ -664,6 +666,7 @@ class _Batch:
         store_events.insert_numbered(self.db, self._events)
         store_events.touch_contacts(self.db, self._touched)
         report_schema.fold_counted(self.db, self._people, self._reasons, self._next_id)
+        self.emails.update(x for x, _ in self._people)
         self._events, self._touched, self._people, self._reasons = [], {}, {}, {}
 
     def opened(self, delivery_id: int) -> int:

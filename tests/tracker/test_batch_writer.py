@@ -5,12 +5,13 @@ and every hit is one event."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
 from store import contacts as store_contacts
 from store import events as store_events
-from store import tracking
+from store import report_schema, tracking
 from store import users as store_users
 from tests.reports.test_summary_upkeep import check
 from tracker import service
@@ -99,3 +100,10 @@ def test_random_batches_keep_reports_and_contacts_exact(settings, db):
         for col in ("last_open_at", "last_click_at", "last_engagement_at"):
             assert before[a][col] == after[col], (a, col)
     assert db.execute("SELECT COUNT(*) FROM report_batch").fetchone()[0] == 0
+    # The cached report entries (re-rendered once per email and batch) match a fresh render.
+    for email_id in email_ids:
+        cached = db.execute(
+            "SELECT tail FROM report_emails WHERE email_id = ?", [email_id]
+        ).fetchone()[0]
+        fresh = db.execute(f"SELECT ({report_schema.tail_sql(str(email_id))})").fetchone()[0]
+        assert json.loads(cached) == json.loads(fresh), email_id

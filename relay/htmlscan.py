@@ -223,26 +223,23 @@ def _ci_any(words: tuple[str, ...] | list[str]) -> str:
     return branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
 
 
-# One alternative per raw-text element after a shared '<' (no capture group: 3.11's re
+# One alternative per raw-text element (after the '<'; no capture group: 3.11's re
 # mis-tracks captures inside a possessive repeat), each running to its own end tag. The end
 # tag is found with (?i:...) like _RAW_CLOSE in scan(), the start tag by str.lower() rules.
-_RAW_ELEMENTS = (
-    "<(?:"
-    + "|".join(
-        rf"{_ci(name)}{_AFTER_NAME}{_ATTRS}(?:>|\Z)(?:[^<]++|<(?!/(?i:{name})[ \t\n\r\f/>]))*+"
-        for name in RAW_TEXT
-    )
-    + ")"
+_RAW_ELEMENTS = "|".join(
+    rf"{_ci(name)}{_AFTER_NAME}{_ATTRS}(?:>|\Z)(?:[^<]++|<(?!/(?i:{name})[ \t\n\r\f/>]))*+"
+    for name in RAW_TEXT
 )
-_SKIP = rf"""(?:
-    [^<]++
-  | <(?!{_ci_any(LINK_START + RAW_TEXT)}{_AFTER_NAME})[A-Za-z]{_TAG_REST}
-  | </(?!{_ci_any(LINK_END)}{_AFTER_NAME})[A-Za-z]{_TAG_REST}
-  | <!--(?!(?i:\[if)[^\]]*+\]>)(?:>|(?:[^-]++|-(?!->))*+(?:-->|\Z))
-  | <(?:!(?!--)|\?)[^>]*+(?:>|\Z)
+# Text, then markup that is no token, then text, ...: one loop turn per tag (not one for the
+# tag and one for the text after it), every alternative after one shared '<'.
+_SKIP = rf"""[^<]*+(?:<(?:
+    (?!{_ci_any(LINK_START + RAW_TEXT)}{_AFTER_NAME})[A-Za-z]{_TAG_REST}
+  | /(?!{_ci_any(LINK_END)}{_AFTER_NAME})[A-Za-z]{_TAG_REST}
+  | !--(?!(?i:\[if)[^\]]*+\]>)(?:>|(?:[^-]++|-(?!->))*+(?:-->|\Z))
+  | (?:!(?!--)|\?)[^>]*+(?:>|\Z)
   | {_RAW_ELEMENTS}
-  | <(?![A-Za-z]|/[A-Za-z]|!|\?)
-)*+"""
+  | (?![A-Za-z]|/[A-Za-z]|!|\?)
+)[^<]*+)*+"""
 _TOKEN = rf"""(?P<tok>
     (?P<cond><!--)
   | <(?P<slash>/)?(?P<name>[A-Za-z][^ \t\n\r\f/>]*+){_ATTRS}(?:(?P<gt>>)|\Z)

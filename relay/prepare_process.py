@@ -80,6 +80,9 @@ class _Worker:
 
     def call(self, op: str, *args) -> Future:
         fut: Future = Future()
+        # Running: a caller that gives up (a session cancelled mid-DATA cancels the asyncio
+        # side) cannot cancel it, so the reader can always set the reply that comes.
+        fut.set_running_or_notify_cancel()
         with self.lock:
             if not self.alive:
                 fut.set_exception(WorkerGone("the prepare worker exited"))

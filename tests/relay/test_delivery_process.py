@@ -9,6 +9,7 @@ import os
 
 import aiosmtplib
 
+import store
 from relay import delivery_process
 from tests.relay.conftest import PASSWORD, html_message
 from tests.support import wait_for
@@ -116,3 +117,29 @@ async def test_a_render_whose_plan_is_gone_fails_open(settings):
     finally:
         await asyncio.to_thread(preparer.close)
     assert isinstance(out, LookupError)
+
+
+async def test_a_prepare_given_up_half_way_does_not_stop_the_next_ones(settings, alice):
+    """A session that goes away while its message is being prepared (aiosmtpd cancels its
+    handler) must not leave the worker's reply unread: the pipe would fill and every later
+    message would hang."""
+    from relay import prepare_process
+    from store import users
+
+    user = users.find_user(store.connect(settings.db_path), "alice@corp.test")
+    data = html_message("<p>" + "x" * 200_000 + '<a href="https://e.test/">a</a></p>')
+    preparer = prepare_process.PrepareProcess(settings)
+    try:
+        await preparer.start()
+        for _ in range(3):
+            task = asyncio.create_task(
+                preparer.prepare(user, "alice@corp.test", ["carol@client.test"], data)
+            )
+            await asyncio.sleep(0)
+            task.cancel()
+        for _ in range(3):  # 3 x 200 KB more through the same pipe
+            async with asyncio.timeout(30):
+                got = await preparer.prepare(user, "alice@corp.test", ["carol@client.test"], data)
+            assert got.result.external == ["carol@client.test"]
+    finally:
+        await asyncio.to_thread(preparer.close)

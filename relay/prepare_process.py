@@ -23,6 +23,7 @@ and the next message starts a new one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import pickle
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,11 +114,12 @@ class _Worker:
                 break
             with self.lock:
                 fut = self.waiting.pop(n, None)
-            if fut is not None:
-                if ok:
-                    fut.set_result(value)
-                else:
-                    fut.set_exception(value)
+            if fut is not None and not fut.done():
+                with contextlib.suppress(InvalidStateError):  # never let the reader die
+                    if ok:
+                        fut.set_result(value)
+                    else:
+                        fut.set_exception(value)
         with self.lock:
             self.alive = False
             waiting, self.waiting = self.waiting, {}

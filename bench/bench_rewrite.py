@@ -17,6 +17,10 @@ rules, VML twins, charsets, line lengths or keeping untouched QP lines byte for 
 is what the rewriter pays for on top of it. The bench asserts, before timing, that the floor
 really replaced the expected number of hrefs (40 and 300 in the two templates), so it cannot
 silently match nothing (as it did when it ran over the quoted-printable ``href=3D"``).
+
+The rewriter is imported once, at module level: the timed call does only the rewrite, as the
+floor's does (an ``import`` statement inside it cost a Python-level importlib call per
+message that the floor never paid).
 """
 
 from __future__ import annotations

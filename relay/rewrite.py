@@ -217,14 +217,21 @@ class _PartTemplate:
 
     def render(self, values: list[bytes]) -> bytes:
         """The encoded body with ``values[i]`` in place of the i-th edit (in text order)."""
+        out: list[bytes] = []
+        self.render_into(values, out)
+        return b"".join(out)
+
+    def render_into(self, values: list[bytes], out: list[bytes]) -> None:
+        """``render`` as pieces appended to ``out``: the message is joined once, not once
+        for the part and again for the message (a copy of a 600 KB body each)."""
         if self.encoding == "base64":
             g = self.groups[0]
             decoded = _interleave(g.pieces, values, 0)
             encoded = _b64_encode(decoded, self.line_len, self.eol)
             if not self.original.endswith(b"\n"):
                 encoded = encoded.rstrip(b"\r\n")
-            return encoded
-        out = []
+            out.append(encoded)
+            return
         for g in self.groups:
             out.append(g.before)
             seg = _interleave(g.pieces, values, g.first)
@@ -239,7 +246,6 @@ class _PartTemplate:
             else:
                 out.append(seg)
         out.append(self.tail)
-        return b"".join(out)
 
 
 def _interleave(pieces: list[bytes], values: list[bytes], first: int) -> bytes:
@@ -326,6 +332,12 @@ class PartPlan:
     decoded: bytes
     html: HtmlPlan | None = None
     qp_clean: bool | None = None  # quoted-printable: the fast path applies (see relay.qp)
+    encoded: bytes | None = None  # the part's body as sent (sliced once: it can be 600 KB)
+
+    def body(self, data: bytes) -> bytes:
+        if self.encoded is None:
+            self.encoded = data[self.part.body_start : self.part.body_end]
+        return self.encoded
 
 
 @dataclass
@@ -341,8 +353,7 @@ class Analysis:
     unsubscribe: set[str] = field(default_factory=set)
 
 
-def _decode_body(part: mime.Part, data: bytes) -> tuple[str, bytes, bool | None]:
-    body = data[part.body_start : part.body_end]
+def _decode_body(part: mime.Part, body: bytes) -> tuple[str, bytes, bool | None]:
     enc = part.transfer_encoding
     if enc == "base64":
         text = body.translate(None, _NOT_B64)
@@ -382,9 +393,10 @@ def analyse(data: bytes) -> Analysis:
             return
         if part.content_type == "text/html" and not part.is_attachment():
             a.has_html = True
-            enc, decoded, clean = _decode_body(part, data)
+            body = data[part.body_start : part.body_end]
+            enc, decoded, clean = _decode_body(part, body)
             view = text_view(decoded, part.charset)
-            a.parts.append(PartPlan(part, view, enc, decoded, qp_clean=clean))
+            a.parts.append(PartPlan(part, view, enc, decoded, qp_clean=clean, encoded=body))
             if htmlrewrite.has_visible_content(view.text, view.meaning):
                 a.visible = True
 
@@ -436,7 +448,7 @@ class MessagePlan:
             out.append(static)
             if pp is None:
                 continue
-            out.append(_render_part(pp, template, click, pixel, data))
+            _render_part(pp, template, click, pixel, data, out)
         return b"".join(out)
 
     def _prepare(self) -> list[tuple[bytes, PartPlan | None, _PartTemplate | None]]:
@@ -447,15 +459,17 @@ class MessagePlan:
         )
         out, cursor = [], 0
         for pp in changed:
-            original = data[pp.part.body_start : pp.part.body_end]
-            template = _template(pp, original) if pp.view.byte_indexed else None
+            template = _template(pp, pp.body(data)) if pp.view.byte_indexed else None
             out.append((data[cursor : pp.part.body_start], pp, template))
             cursor = pp.part.body_end
         out.append((data[cursor:], None, None))
         return out
 
 
-def _render_part(pp: PartPlan, template: _PartTemplate | None, click, pixel: str, data) -> bytes:
+def _render_part(
+    pp: PartPlan, template: _PartTemplate | None, click, pixel: str, data, out: list[bytes]
+) -> None:
+    """Append the part's encoded body for this copy to ``out``."""
     plan = pp.html
     assert plan is not None
     view = pp.view
@@ -471,13 +485,13 @@ def _render_part(pp: PartPlan, template: _PartTemplate | None, click, pixel: str
                 values.append(pixel_bytes)
             else:
                 values.append(b"")
-        return template.render(values)
+        template.render_into(values, out)
+        return
     # A stateful charset: the whole text is rewritten and encoded again.
     new_body = view.to_bytes(plan.apply(view.text, click, pixel))
-    original = data[pp.part.body_start : pp.part.body_end]
     whole = PartPlan(pp.part, pp.view, pp.encoding, pp.decoded, HtmlPlan(), pp.qp_clean)
     whole.html.edits.append(htmlrewrite.Edit(0, len(pp.decoded), "pixel"))
-    return _template(whole, original).render([new_body])
+    _template(whole, pp.body(data)).render_into([new_body], out)
 
 
 def plan(

@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import NamedTuple
 
 import crawleruseragents
@@ -70,16 +71,15 @@ _OUTLOOK = re.compile(
 _YAHOO_PROXY = re.compile(r"YahooMailProxy", re.I)
 
 
-@dataclass(frozen=True)
-class Hit:
-    """One request as the tracker saw it."""
+class Hit(NamedTuple):
+    """One request as the tracker saw it (named tuples here: one of each is made per hit)."""
 
     kind: str  # "open", "click" or "honeypot"
     method: str
     user_agent: str
     ip: str
     at: float  # seconds since the epoch
-    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    headers: Mapping[str, str] = MappingProxyType({})  # lower-case names
     position: int | None = None
 
 
@@ -104,11 +104,14 @@ class Prior(NamedTuple):
     position: int | None = None
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     verdict: str
     reason: str
     relabel: tuple[int, ...] = ()  # earlier hits that are machines after all
+
+
+# The verdict of each rule when it re-labels nothing (the usual case), made once.
+_PLAIN = {reason: Verdict(verdict, reason) for reason, (verdict, _) in REASONS.items()}
 
 
 class Rules:
@@ -198,6 +201,8 @@ def _prefetch(headers: Mapping[str, str]) -> bool:
 
 
 def _verdict(reason: str, relabel: Sequence[int] = ()) -> Verdict:
+    if not relabel:
+        return _PLAIN[reason]
     return Verdict(REASONS[reason][0], reason, tuple(relabel))
 
 

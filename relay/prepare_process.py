@@ -97,7 +97,7 @@ class _Worker:
         stdin = self.proc.stdin
         while (item := self.requests.get()) is not None:
             try:
-                _send(stdin, item)
+                _send(stdin.fileno(), item)
             except OSError:  # the worker is gone: the reader fails what is waiting
                 break
         try:
@@ -106,7 +106,7 @@ class _Worker:
             pass
 
     def _read(self) -> None:
-        out = self.proc.stdout
+        out = self.proc.stdout.fileno()
         while True:
             try:
                 n, ok, value = _receive(out)
@@ -179,22 +179,28 @@ class PrepareProcess:
             worker.close()
 
 
-def _send(fh, obj) -> None:
+def _send(fd: int, obj) -> None:
+    """One length-prefixed pickle, written whole with ``os.write`` (no buffered layer)."""
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    fh.write(len(data).to_bytes(8, "big"))
-    fh.write(data)
-    fh.flush()
+    view = memoryview(len(data).to_bytes(8, "big") + data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
-def _receive(fh):
-    head = fh.read(8)
-    if len(head) < 8:
-        raise EOFError
-    size = int.from_bytes(head, "big")
-    data = fh.read(size)
-    if len(data) < size:
-        raise EOFError
-    return pickle.loads(data)
+def _read_exactly(fd: int, n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        chunk = os.read(fd, min(n - got, 1 << 20))
+        if not chunk:
+            raise EOFError
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _receive(fd: int):
+    size = int.from_bytes(_read_exactly(fd, 8), "big")
+    return pickle.loads(_read_exactly(fd, size))
 
 
 # ---------------------------------------------------------------------- in the worker
@@ -214,8 +220,9 @@ def main() -> None:
 
     global _settings, _db
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the relay, which stops us
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # stray prints must not corrupt the replies
+    stdin, stdout = 0, os.dup(1)
+    os.dup2(2, 1)  # stray prints (Python or C) go to stderr, never into the replies
+    sys.stdout = sys.stderr
     try:
         _settings = _receive(stdin)
     except EOFError:

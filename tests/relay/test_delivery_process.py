@@ -143,3 +143,47 @@ async def test_a_prepare_given_up_half_way_does_not_stop_the_next_ones(settings,
             assert got.result.external == ["carol@client.test"]
     finally:
         await asyncio.to_thread(preparer.close)
+
+
+async def test_requests_and_replies_survive_the_worker_being_stopped_and_continued(settings, alice):
+    """SIGSTOP/SIGCONT (a debugger, a profiler, a loaded machine's scheduler) interrupts
+    the pipe reads and writes half way; every reply must still arrive whole."""
+    import random
+    import signal
+
+    from relay import prepare_process
+    from store import users
+
+    user = users.find_user(store.connect(settings.db_path), "alice@corp.test")
+    links = "".join(
+        f'<p>{"y " * 400}\r\n<a href="https://e.test/{i}">l</a></p>\r\n' for i in range(40)
+    )
+    data = html_message(links)
+    preparer = prepare_process.PrepareProcess(settings)
+    await preparer.start()
+    pid = preparer._worker.proc.pid
+    done = asyncio.Event()
+
+    async def pause() -> None:
+        rng = random.Random(7)
+        while not done.is_set():
+            os.kill(pid, signal.SIGSTOP)
+            await asyncio.sleep(rng.uniform(0, 0.01))
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.sleep(rng.uniform(0, 0.01))
+
+    async def session() -> None:
+        for _ in range(15):
+            got = await preparer.prepare(user, "alice@corp.test", ["c@client.test"], data)
+            (copies,) = await asyncio.to_thread(preparer.render, [(got.plan, [1])])
+            assert isinstance(copies, list) and b"https://t.example/" in copies[0]
+
+    pauser = asyncio.create_task(pause())
+    try:
+        async with asyncio.timeout(120):
+            await asyncio.gather(*(session() for _ in range(8)))
+    finally:
+        done.set()
+        await pauser
+        os.kill(pid, signal.SIGCONT)
+        await asyncio.to_thread(preparer.close)

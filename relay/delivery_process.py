@@ -10,7 +10,8 @@ the event loop). The child delivers exactly as the in-process :class:`relay.deli
 does (same class); it also walks the queue every second, so a lost wake-up only delays.
 
 Lifetime: the child stops when its stdin reaches EOF -- the relay stopped, or was
-SIGKILLed (the kernel closes the pipe), so no orphan keeps delivering on its own. It then
+SIGKILLed (the kernel closes the pipe), so no orphan keeps delivering on its own. It
+ignores SIGINT and SIGTERM (a signal to the whole process group is the relay's to act on). It then
 finishes the sends under way (bounded by ``relay.upstream_timeout``) and commits their
 outcomes before it exits.
 
@@ -43,7 +44,6 @@ import fcntl
 import logging
 import os
 import pickle
-import signal
 import sys
 from pathlib import Path
 
@@ -55,6 +55,14 @@ LOCK_NAME = "relay-delivery.lock"
 NICE = 10  # CPU priority below the accept path's (see "Priority" in the module docstring)
 RESPAWN_DELAY = 1.0  # seconds before a child that died on its own is started again
 ROOT = Path(__file__).resolve().parent.parent  # where ``relay`` is imported from
+# Signals are ignored before anything is imported: the relay stops its workers by closing
+# their pipe, and a SIGINT/SIGTERM sent to the whole process group (Ctrl-C, a service
+# manager) must not kill one half-way or make the relay start it again while it stops.
+_CHILD = (
+    "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "from relay.{0} import main; main()"
+)
 
 
 class DeliveryProcess:
@@ -77,7 +85,7 @@ class DeliveryProcess:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
-            "from relay.delivery_process import main; main()",
+            _CHILD.format("delivery_process"),
             stdin=asyncio.subprocess.PIPE,
             env=env,
         )
@@ -146,7 +154,6 @@ def _read_exactly(fd: int, n: int) -> bytes:
 
 def main() -> None:
     """Entry point of the child (``python -c``): settings from stdin, deliver until EOF."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     try:
         size = int.from_bytes(_read_exactly(0, 8), "big")
         settings, level = pickle.loads(_read_exactly(0, size))
@@ -206,7 +213,6 @@ async def _serve(settings: config.Settings) -> None:
         lambda: _Pipe(lambda: worker and worker[0].wake(), stopped),
         os.fdopen(0, "rb", buffering=0),
     )
-    loop.add_signal_handler(signal.SIGTERM, stopped.set)
     fd = await _lock(settings.data_dir / LOCK_NAME, stopped)
     if fd is None:
         return

@@ -39,7 +39,16 @@ from pathlib import Path
 import config
 
 MAX_PLANS = 4096  # plans kept for renders still to come (a batch is far smaller)
+WORKERS = 1  # two cost more CPU in all than they won on two cores (relay bench, 19:35)
 ROOT = Path(__file__).resolve().parent.parent  # where ``relay`` is imported from
+# Signals are ignored before anything is imported: the relay stops its workers by closing
+# their pipe, and a SIGINT/SIGTERM sent to the whole process group (Ctrl-C, a service
+# manager) must not kill one half-way or make the relay start it again while it stops.
+_CHILD = (
+    "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "from relay.{0} import main; main()"
+)
 
 
 class WorkerGone(Exception):
@@ -52,6 +61,10 @@ class PlanRef:
 
     key: int
     tracked_links: list
+    worker: int = 0  # serial of the worker process that holds it (set by the parent)
+
+
+_serials = itertools.count(1)
 
 
 class _Worker:
@@ -63,7 +76,7 @@ class _Worker:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from relay.prepare_process import main; main()"],
+            [sys.executable, "-c", _CHILD.format("prepare_process")],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -71,6 +84,7 @@ class _Worker:
         self.lock = threading.Lock()  # guards ``waiting`` and ``alive``
         self.waiting: dict[int, Future] = {}
         self.ids = itertools.count(1)
+        self.serial = next(_serials)
         self.alive = True
         self.requests: queue.SimpleQueue = queue.SimpleQueue()
         self.requests.put(settings)
@@ -138,45 +152,76 @@ class _Worker:
 
 
 class PrepareProcess:
-    """Parent side: ``prepare`` from the event loop, ``render`` from the committer thread."""
+    """Parent side: ``prepare`` from the event loop, ``render`` from the committer thread.
+
+    ``WORKERS`` processes; each message goes to the one with the fewest requests waiting,
+    and its render to the one that holds its plan.
+    """
 
     def __init__(self, settings: config.Settings) -> None:
         self.settings = settings
-        self._worker: _Worker | None = None
+        self._workers: list[_Worker | None] = [None] * WORKERS
         self._lock = threading.Lock()
 
-    def _current(self) -> _Worker:
+    def _get(self, i: int) -> _Worker:
         with self._lock:
-            if self._worker is None or not self._worker.alive:
-                if self._worker is not None:
-                    self._worker.proc.wait()
-                self._worker = _Worker(self.settings)
-            return self._worker
+            worker = self._workers[i]
+            if worker is None or not worker.alive:
+                if worker is not None:
+                    worker.proc.wait()
+                worker = self._workers[i] = _Worker(self.settings)
+            return worker
+
+    def _serving(self, serial: int) -> _Worker | None:
+        with self._lock:
+            for worker in self._workers:
+                if worker is not None and worker.serial == serial and worker.alive:
+                    return worker
+        return None
 
     async def start(self) -> None:
-        """Start the worker now rather than on the first message (its imports take a while)."""
-        await asyncio.wrap_future(self._current().call("ready"))
+        """Start the workers now rather than on the first message (imports take a while)."""
+        await asyncio.gather(
+            *(asyncio.wrap_future(self._get(i).call("ready")) for i in range(WORKERS))
+        )
 
     async def prepare(self, user: dict, mail_from: str, rcpts: list[str], data: bytes):
-        """``submit.prepare`` in the worker (raises ``submit.Refused`` as it does)."""
-        fut = self._current().call("prepare", user, mail_from, rcpts, data)
-        return await asyncio.wrap_future(fut)
+        """``submit.prepare`` in a worker (raises ``submit.Refused`` as it does)."""
+        with self._lock:
+            loads = [len(w.waiting) if w is not None else 0 for w in self._workers]
+        worker = self._get(loads.index(min(loads)))
+        prepared = await asyncio.wrap_future(worker.call("prepare", user, mail_from, rcpts, data))
+        if isinstance(prepared.plan, PlanRef):
+            prepared.plan.worker = worker.serial
+        return prepared
 
     def render(self, jobs: list[tuple[PlanRef, list[int]]]) -> list[list[bytes] | Exception]:
         """Copies of each (plan, delivery ids), one entry per job (blocking: called from the
         committer thread). An exception in place of copies means: send the original."""
-        if not jobs:
-            return []
-        try:
-            return self._current().call("render", [(r.key, ids) for r, ids in jobs]).result()
-        except WorkerGone as exc:
-            return [exc] * len(jobs)
+        by_worker: dict[int, list[int]] = {}
+        for n, (ref, _) in enumerate(jobs):
+            by_worker.setdefault(ref.worker, []).append(n)
+        out: list[list[bytes] | Exception] = [WorkerGone("the prepare worker exited")] * len(jobs)
+        calls = []
+        for serial, ns in by_worker.items():
+            worker = self._serving(serial)
+            if worker is not None:
+                keys = [(jobs[n][0].key, jobs[n][1]) for n in ns]
+                calls.append((ns, worker.call("render", keys)))
+        for ns, fut in calls:  # the workers render at the same time
+            try:
+                for n, copies in zip(ns, fut.result(), strict=True):
+                    out[n] = copies
+            except WorkerGone:
+                pass
+        return out
 
     def close(self) -> None:
         with self._lock:
-            worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.close()
+            workers, self._workers = self._workers, [None] * WORKERS
+        for worker in workers:
+            if worker is not None:
+                worker.close()
 
 
 def _send(fd: int, obj) -> None:
@@ -213,13 +258,11 @@ _keys = itertools.count(1)
 
 def main() -> None:
     """The worker (``python -c``): settings, then requests until EOF on stdin."""
-    import signal
 
     import store
     from relay import submit  # noqa: F401 (imported now, not on the first message)
 
     global _settings, _db
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the relay, which stops us
     stdin, stdout = 0, os.dup(1)
     os.dup2(2, 1)  # stray prints (Python or C) go to stderr, never into the replies
     sys.stdout = sys.stderr

@@ -26,6 +26,7 @@ import aiosmtplib
 
 import cli
 import store
+from relay import prepare_process
 from store import outbox as store_outbox
 from store import users as store_users
 from tests.relay.conftest import PASSWORD, Upstream
@@ -237,7 +238,8 @@ async def test_a_sigkilled_relay_leaves_no_worker_process_behind(tmp_path):
     relay = RelayProcess(settings, up.port, tmp_path / "relay.log")
     try:
         await relay.start()
-        workers = await wait_for(lambda: len(c := _children(relay.proc.pid)) >= 2 and c)
+        expected = 1 + prepare_process.WORKERS  # the delivery worker and the prepare workers
+        workers = await wait_for(lambda: len(c := _children(relay.proc.pid)) >= expected and c)
         await relay.kill()
         await wait_for(lambda: not any(_alive(p) for p in workers), timeout=30)
     finally:

@@ -90,17 +90,19 @@ async def test_rewriting_runs_in_a_worker_process_that_is_replaced_when_it_dies(
     svc = await service.start(settings)
     try:
         preparer = svc.handler.preparer
-        first = preparer._worker.proc
-        assert first.pid != os.getpid() and first.poll() is None
+        first = [w.proc for w in preparer._workers]
+        assert all(p.pid != os.getpid() and p.poll() is None for p in first)
         await submit(settings, "carol@client.test")
-        first.kill()
-        await asyncio.to_thread(first.wait)
+        for p in first:
+            p.kill()
+            await asyncio.to_thread(p.wait)
         await submit(settings, "dave@client.test")
-        assert preparer._worker.proc.pid != first.pid
+        now = {w.proc.pid for w in preparer._workers if w is not None and w.alive}
+        assert now and not now & {p.pid for p in first}
         await wait_for(lambda: len(upstream.messages) == 2, timeout=30)
     finally:
         await svc.stop()
-    assert first.returncode is not None and preparer._worker is None
+    assert preparer._workers == [None] * len(first)
     for _, _, data in upstream.messages:  # both copies were rewritten (tracked)
         assert b"https://t.example/" in data
 
@@ -112,7 +114,8 @@ async def test_a_render_whose_plan_is_gone_fails_open(settings):
     try:
         await preparer.start()
         (out,) = await asyncio.to_thread(
-            preparer.render, [(prepare_process.PlanRef(10**9, []), [1])]
+            preparer.render,
+            [(prepare_process.PlanRef(10**9, [], preparer._workers[0].serial), [1])],
         )
     finally:
         await asyncio.to_thread(preparer.close)
@@ -161,15 +164,17 @@ async def test_requests_and_replies_survive_the_worker_being_stopped_and_continu
     data = html_message(links)
     preparer = prepare_process.PrepareProcess(settings)
     await preparer.start()
-    pid = preparer._worker.proc.pid
+    pids = [w.proc.pid for w in preparer._workers]
     done = asyncio.Event()
 
     async def pause() -> None:
         rng = random.Random(7)
         while not done.is_set():
-            os.kill(pid, signal.SIGSTOP)
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
             await asyncio.sleep(rng.uniform(0, 0.01))
-            os.kill(pid, signal.SIGCONT)
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
             await asyncio.sleep(rng.uniform(0, 0.01))
 
     async def session() -> None:
@@ -185,5 +190,31 @@ async def test_requests_and_replies_survive_the_worker_being_stopped_and_continu
     finally:
         done.set()
         await pauser
-        os.kill(pid, signal.SIGCONT)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
         await asyncio.to_thread(preparer.close)
+
+
+async def test_workers_leave_sigterm_to_the_relay(settings, alice, upstream):
+    """A SIGTERM to the whole process group (a service manager stopping mailtally) reaches
+    the workers too: they keep going until the relay closes their pipes."""
+    import signal
+
+    from relay import service
+
+    settings.relay.upstream_starttls = False
+    svc = await service.start(settings)
+    try:
+        delivery = svc.worker.proc
+        prepare = [w.proc for w in svc.handler.preparer._workers]
+        for pid in [delivery.pid, *(p.pid for p in prepare)]:
+            os.kill(pid, signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        assert delivery.returncode is None and all(p.poll() is None for p in prepare)
+        await submit(settings)
+        await wait_for(lambda: len(upstream.messages) == 1, timeout=30)
+        assert svc.worker.proc is delivery
+        assert [w.proc for w in svc.handler.preparer._workers] == prepare
+    finally:
+        await svc.stop()
+    assert delivery.returncode == 0 and all(p.returncode == 0 for p in prepare)

@@ -8,7 +8,7 @@ yet (HubSpot's retroactive open), and the contact's ``last_*_at`` properties.
 
 from __future__ import annotations
 
-import json
+import functools
 
 import sqlite_utils
 
@@ -58,14 +58,20 @@ def insert_event(db: sqlite_utils.Database, event: dict) -> list[int]:
     return ids
 
 
-# One statement for a whole batch: the rows travel as one JSON array (one sqlite3 call, so
-# the writer thread releases and re-takes the GIL once per batch, not once per event).
+# A batch goes in as multi-row INSERTs of up to CHUNK rows (one statement run per chunk):
+# in the writer's own process the GIL no longer matters, and plain bound values cost less
+# than a JSON array that SQLite takes apart again with a json_extract per column.
 _NUMBERED = ("id", *COLUMNS)
-_INSERT_NUMBERED = (
-    f"INSERT INTO events ({', '.join(_NUMBERED)}) SELECT "
-    + ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(_NUMBERED)))
-    + " FROM json_each(?) ORDER BY key"
-)
+CHUNK = 64  # rows per statement: 960 parameters, well under SQLite's 32,766
+_ROW_MARKS = "(" + ", ".join("?" * len(_NUMBERED)) + ")"
+
+
+@functools.lru_cache(maxsize=CHUNK)
+def _insert_rows(n: int) -> str:
+    """The INSERT of ``n`` numbered rows."""
+    return f"INSERT INTO events ({', '.join(_NUMBERED)}) VALUES " + ", ".join([_ROW_MARKS] * n)
+
+
 # Flags stored as 0/1 whatever the caller's event dict holds (missing, None, bool).
 _INFERRED, _ANONYMOUS = _NUMBERED.index("inferred"), _NUMBERED.index("anonymous")
 
@@ -85,28 +91,38 @@ def insert_numbered(db: sqlite_utils.Database, events: list[dict]) -> None:
     """
     if not events:
         return
-    data = [[e.get(c) for c in _NUMBERED] for e in events]
-    for values in data:
-        values[_INFERRED] = int(values[_INFERRED] or 0)
-        values[_ANONYMOUS] = int(values[_ANONYMOUS] or 0)
-    db.execute(_INSERT_NUMBERED, [json.dumps(data)])
+    values: list = []
+    for e in events:
+        row_values = [e.get(c) for c in _NUMBERED]
+        row_values[_INFERRED] = int(row_values[_INFERRED] or 0)
+        row_values[_ANONYMOUS] = int(row_values[_ANONYMOUS] or 0)
+        values += row_values
+    width = len(_NUMBERED)
+    execute = db.conn.execute
+    for start in range(0, len(events), CHUNK):
+        n = min(CHUNK, len(events) - start)
+        execute(_insert_rows(n), values[start * width : (start + n) * width])
+
+
+# Moves a contact's properties forward; the WHERE leaves alone (does not rewrite) a row
+# that no value would change, e.g. a contact opened again within the same microsecond.
+_LATER = "CASE WHEN {v} IS NOT NULL AND ({c} IS NULL OR {c} < {v}) THEN {v} ELSE {c} END"
+_MOVES = "({v} IS NOT NULL AND ({c} IS NULL OR {c} < {v}))"
+_TOUCH = f"""UPDATE contacts SET last_open_at = {_LATER.format(c="last_open_at", v=":at")},
+        last_engagement_at = {_LATER.format(c="last_engagement_at", v=":at")},
+        last_click_at = {_LATER.format(c="last_click_at", v=":click")}
+    WHERE id = :id AND ({_MOVES.format(c="last_open_at", v=":at")}
+        OR {_MOVES.format(c="last_engagement_at", v=":at")}
+        OR {_MOVES.format(c="last_click_at", v=":click")})"""
 
 
 def touch_contacts(db: sqlite_utils.Database, latest: dict[int, tuple[str, str | None]]) -> None:
     """:func:`touch_contact` for many contacts at once: contact id -> (latest human open or
-    click time, latest human click time or None), in one statement."""
+    click time, latest human click time or None)."""
     if not latest:
         return
-    data = json.dumps([[cid, at, click] for cid, (at, click) in latest.items()])
-    later = "CASE WHEN j.{v} IS NOT NULL AND ({c} IS NULL OR {c} < j.{v}) THEN j.{v} ELSE {c} END"
-    db.execute(
-        f"""UPDATE contacts SET last_open_at = {later.format(c="last_open_at", v="at")},
-               last_engagement_at = {later.format(c="last_engagement_at", v="at")},
-               last_click_at = {later.format(c="last_click_at", v="click")}
-            FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS at,
-                         json_extract(value, '$[2]') AS click FROM json_each(?)) AS j
-            WHERE contacts.id = j.id""",
-        [data],
+    db.conn.executemany(
+        _TOUCH, [{"id": cid, "at": at, "click": click} for cid, (at, click) in latest.items()]
     )
 
 

@@ -18,6 +18,7 @@ import concurrent.futures
 import datetime as dt
 import json
 import logging
+import math
 import os
 import queue
 import sqlite3
@@ -54,9 +55,24 @@ class PendingHit:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+_SECONDS: dict[int, str] = {}  # whole Unix seconds -> their ISO text up to the seconds
+
+
 def _iso(ts: float) -> str:
-    """``store.to_iso`` of a Unix time (the same text, without its conversions)."""
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="microseconds")
+    """``store.to_iso`` of a Unix time (the same text, without a datetime per hit: the
+    seconds' text is made once per second, the microseconds rounded as datetime does)."""
+    if ts < 0:
+        return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="microseconds")
+    frac, whole = math.modf(ts)
+    sec, us = int(whole), round(frac * 1e6)
+    if us >= 1_000_000:
+        sec, us = sec + 1, us - 1_000_000
+    head = _SECONDS.get(sec)
+    if head is None:
+        if len(_SECONDS) > 4096:
+            _SECONDS.clear()
+        head = _SECONDS[sec] = dt.datetime.fromtimestamp(sec, dt.UTC).isoformat()[:19]
+    return f"{head}.{us:06d}+00:00"
 
 
 def _text(value: str) -> str:
@@ -85,10 +101,12 @@ _MANY = object()  # marks a queue item holding a list of hits
 # seconds of work, a few MB of memory.
 BACKLOG_LIMIT = 20_000
 CACHE_KIB = 32 * 1024  # the writer connection's page cache
+CHECKPOINT_PAGES = 10_000  # WAL pages after which the writer's commit checkpoints
 OPEN_COUNTS_KEPT = 500_000  # copies whose open counts the writer keeps (then starts over)
+CONTEXTS_KEPT = 200_000  # copies whose contexts the writer keeps (then starts over)
 # The least time between the starts of two batches when hits keep coming: what a hit may
 # wait before its batch begins, and the live feed's delay under load.
-GATHER_SECONDS = 0.1
+GATHER_SECONDS = 0.2
 
 
 class BatchWriter:
@@ -125,6 +143,12 @@ class BatchWriter:
         # count then (the ingest infers an open only for a copy without any), so it need not
         # be read again per batch. A copy back at none is read again.
         self._opens: dict[int, int] = {}
+        # Each copy's context (copy, email, sender, contact), kept while no other connection
+        # commits: SQLite's data_version tells when one has (a copy delivered, erased, a
+        # lawful basis changed), and then all are read again. Reading ~300 per batch cost
+        # more than any other query of the writer.
+        self._contexts: dict[int, dict] = {}
+        self._data_version: int | None = None
         # Counted by one thread each (no lost updates): queued by the event loop, handled
         # (written or spooled) by the writer.
         self.queued = 0
@@ -196,6 +220,14 @@ class BatchWriter:
         # The pages each batch touches (indexes of events, summary rows) are spread over
         # the whole table: with SQLite's default 2 MB cache most are read again each time.
         db.conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        # Statement journals (every multi-row statement and trigger in a transaction has
+        # one) in memory: as temp files they cost some four pwrite() calls per hit.
+        db.conn.execute("PRAGMA temp_store=MEMORY")
+        # Checkpoint every ~40 MB of WAL, not SQLite's 4 MB: the pages a batch dirties
+        # (summary rows, the events indexes) are much the same from batch to batch, and a
+        # checkpoint copies each once however often it was committed since the last one.
+        # Durability is the WAL's (synchronous=NORMAL), not the checkpoint's.
+        db.conn.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
         try:
             stop = False
             began = 0.0
@@ -297,7 +329,13 @@ class BatchWriter:
         queued = 0
         with store.sql.transaction(db):
             report_schema.begin_batch(db)  # summaries per batch, not per event
-            batch = _Batch(db, hits, self.recent, self._ips, self._opens, self.feed_wanted())
+            version = db.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._data_version or len(self._contexts) > CONTEXTS_KEPT:
+                self._contexts.clear()
+                self._data_version = version
+            batch = _Batch(
+                db, hits, self.recent, self._ips, self._opens, self.feed_wanted(), self._contexts
+            )
             for hit in hits:
                 notices += self._record(db, hit, batch)
             batch.flush()
@@ -397,7 +435,11 @@ class BatchWriter:
         )
         changed_rows: list[dict] = []
         if verdict.relabel:
-            batch.flush()  # the re-labelling reads and recomputes from the stored events
+            # The re-labelling reads and recomputes from the stored events: only when it
+            # names an event still held by the batch must the batch be written first.
+            # Otherwise the held events are folded in after it, on top of the summaries and
+            # contact properties it recomputed (both add up: recomputed + held).
+            batch.flush_for(verdict.relabel)
             changed_rows = store_events.relabel(
                 db, list(verdict.relabel), "machine", verdict.reason
             )
@@ -554,12 +596,19 @@ class _Batch:
         ips: collections.OrderedDict[int, tuple[str, float]],
         opens: dict[int, int],
         feed_wanted: bool,
+        contexts: dict[int, dict] | None = None,
     ) -> None:
         self.db = db
         self.recent = recent
         self.feed_wanted = feed_wanted
         ids = {h.delivery_id for h in hits}
-        self.contexts = tracking.copy_contexts(db, ids)
+        kept = {} if contexts is None else contexts
+        self.contexts = {d: kept[d] for d in ids if d in kept}
+        unread = [d for d in ids if d not in kept]
+        if unread:
+            found = tracking.copy_contexts(db, unread)
+            kept.update(found)
+            self.contexts.update(found)
         known = {d for d in ids if d in self.contexts}
         for d in ids - known:
             recent.forget(d)  # erased: its hits went with it
@@ -668,6 +717,12 @@ class _Batch:
         report_schema.fold_counted(self.db, self._people, self._reasons, self._next_id)
         self.emails.update(x for x, _ in self._people)
         self._events, self._touched, self._people, self._reasons = [], {}, {}, {}
+
+    def flush_for(self, event_ids) -> None:
+        """:meth:`flush` if any of ``event_ids`` is among the events held (not yet written)."""
+        events = self._events
+        if events and max(event_ids) >= events[0]["id"]:
+            self.flush()
 
     def opened(self, delivery_id: int) -> int:
         """The copy's human opens so far, inferred ones included."""

@@ -33,6 +33,9 @@ SOURCES = {
 }
 
 
+SEEN_KEPT = 65_536  # addresses whose answer a NetworkSet keeps (then starts over)
+
+
 class NetworkSet:
     """A set of IPv4/IPv6 networks answering ``ip in set`` in O(log n)."""
 
@@ -54,10 +57,23 @@ class NetworkSet:
             self._starts[version] = [s for s, _ in merged]
             self._ends[version] = [e for _, e in merged]
             self.size += len(items)
+        # Answers by address text: a hit is looked up in several sets, and most come from a
+        # few addresses (mail providers' proxies, offices); the sets never change.
+        self._seen: dict[object, bool] = {}
 
     def __contains__(self, ip: object) -> bool:
         if not self.size:
             return False
+        seen = self._seen
+        answer = seen.get(ip)
+        if answer is None:
+            answer = self._lookup(ip)
+            if len(seen) >= SEEN_KEPT:
+                seen.clear()
+            seen[ip] = answer
+        return answer
+
+    def _lookup(self, ip: object) -> bool:
         found = _address(str(ip))
         if found is None:
             return False

@@ -230,8 +230,13 @@ async def test_privacy_mode_and_shared_copies_are_someone(privacy, settings, db,
     assert [t["kind"] for t in timeline["timeline"]] == ["sent"]
     assert timeline["last_open_at"] is None and timeline["last_click_at"] is None
 
-    # One shared copy (relay.per_recipient = false): every hit is Someone's.
+    # One shared copy (relay.per_recipient = false): every hit is Someone's. The relay's
+    # worker processes read settings when they start, so the relay restarts with it.
+    from relay import service as relay_service
+
+    await running[1].stop()
     settings.relay.per_recipient = False
+    running[1] = await relay_service.start(settings)
     shared_mail = MAIL.replace("pricing-1@", "pricing-2@").replace(
         "Subject: Pricing", "Subject: Team"
     )

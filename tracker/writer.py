@@ -109,7 +109,26 @@ CONTEXTS_KEPT = 200_000  # copies whose contexts the writer keeps (then starts o
 GATHER_SECONDS = 0.2
 
 
-class BatchWriter:
+class Backlog:
+    """Counts of hits queued and written, shared by the writer thread and the tracker's
+    front for the writer process: both answer `/healthz` and back-pressure the same way."""
+
+    queued: int
+    written: int
+    backlog_limit: int
+
+    @property
+    def pending(self) -> int:
+        """Hits queued and not yet written."""
+        return self.queued - self.written
+
+    @property
+    def behind(self) -> bool:
+        """Whether the queue is long enough that new hits should wait for their commit."""
+        return self.queued - self.written > self.backlog_limit
+
+
+class BatchWriter(Backlog):
     """Owns a database connection in one thread and writes hits in groups."""
 
     def __init__(
@@ -186,16 +205,6 @@ class BatchWriter:
         self.queued += 1
         self._queue.put((hit, fut))
         return fut
-
-    @property
-    def pending(self) -> int:
-        """Hits queued and not yet written."""
-        return self.queued - self.written
-
-    @property
-    def behind(self) -> bool:
-        """Whether the queue is long enough that new hits should wait for their commit."""
-        return self.queued - self.written > self.backlog_limit
 
     def close(self, timeout: float = 30.0) -> None:
         """Write everything queued, then stop the thread (blocking)."""

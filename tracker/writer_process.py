@@ -41,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import config
-from tracker.writer import BACKLOG_LIMIT, BatchWriter, PendingHit
+from tracker.writer import BACKLOG_LIMIT, Backlog, BatchWriter, PendingHit
 
 log = logging.getLogger("mailtally.tracker")
 
@@ -59,7 +59,7 @@ def _frame(payload: bytes) -> bytes:
     return len(payload).to_bytes(_LEN, "big") + payload
 
 
-class WriterProcess:
+class WriterProcess(Backlog):
     """Parent side, in the tracker's event loop: the interface of :class:`BatchWriter`
     that the HTTP handlers use (``enqueue``, ``submit``, ``pending``, ``behind``,
     ``alive``), with the writing done by a child process."""
@@ -180,16 +180,6 @@ class WriterProcess:
         fut = self._loop.create_future()
         self._waiting.append((self.queued, fut))
         return fut
-
-    @property
-    def pending(self) -> int:
-        """Hits queued and not yet written."""
-        return self.queued - self.written
-
-    @property
-    def behind(self) -> bool:
-        """Whether the queue is long enough that new hits should wait for their commit."""
-        return self.queued - self.written > self.backlog_limit
 
     def _send(self) -> None:
         """One frame with the hits queued since the last."""

@@ -7,35 +7,24 @@ import asyncio
 import fcntl
 import os
 
-import aiosmtplib
-
 import store
 from relay import delivery_process
-from tests.relay.conftest import PASSWORD, html_message
+from tests.relay.conftest import html_message, running_relay, submit_all
 from tests.support import wait_for
 
 
 async def submit(settings, rcpt: str = "carol@client.test") -> None:
-    host, port = settings.relay.listen.split(":")
-    c = aiosmtplib.SMTP(hostname=host, port=int(port), start_tls=False)
-    await c.connect()
-    await c.login("alice@corp.test", PASSWORD)
-    await c.sendmail("alice@corp.test", [rcpt], html_message("<p>hi</p>", to=rcpt))
-    await c.quit()
+    mail = (rcpt, html_message("<p>hi</p>", to=rcpt))
+    await asyncio.to_thread(submit_all, settings, [mail])
 
 
 async def test_delivers_from_a_child_process_that_ends_with_the_relay(settings, alice, upstream):
-    from relay import service
-
     settings.relay.upstream_starttls = False
-    svc = await service.start(settings)
-    try:
+    async with running_relay(settings) as svc:
         child = svc.worker.proc
         assert child.pid != os.getpid() and child.returncode is None
         await submit(settings)
         await wait_for(lambda: len(upstream.messages) == 1, timeout=30)
-    finally:
-        await svc.stop()
     assert child.returncode == 0  # stopped on EOF, cleanly
 
 
@@ -64,19 +53,14 @@ async def test_a_second_worker_waits_until_the_first_lets_go_of_the_queue(
 
 
 async def test_the_relay_starts_the_worker_again_when_it_dies(settings, alice, upstream):
-    from relay import service
-
     settings.relay.upstream_starttls = False
-    svc = await service.start(settings)
-    try:
+    async with running_relay(settings) as svc:
         first = svc.worker.proc
         first.kill()
         await first.wait()
         await wait_for(lambda: svc.worker.proc is not first, timeout=10)
         await submit(settings)
         await wait_for(lambda: len(upstream.messages) == 1, timeout=30)
-    finally:
-        await svc.stop()
 
 
 async def test_rewriting_runs_in_a_worker_process_that_is_replaced_when_it_dies(
@@ -84,11 +68,8 @@ async def test_rewriting_runs_in_a_worker_process_that_is_replaced_when_it_dies(
 ):
     """Plans and renders happen in ``relay.prepare_process``; a dead worker costs the
     messages under way a 451 at most, and the next message gets a new worker."""
-    from relay import service
-
     settings.relay.upstream_starttls = False
-    svc = await service.start(settings)
-    try:
+    async with running_relay(settings) as svc:
         preparer = svc.handler.preparer
         first = [w.proc for w in preparer._workers]
         assert all(p.pid != os.getpid() and p.poll() is None for p in first)
@@ -100,8 +81,6 @@ async def test_rewriting_runs_in_a_worker_process_that_is_replaced_when_it_dies(
         now = {w.proc.pid for w in preparer._workers if w is not None and w.alive}
         assert now and not now & {p.pid for p in first}
         await wait_for(lambda: len(upstream.messages) == 2, timeout=30)
-    finally:
-        await svc.stop()
     assert preparer._workers == [None] * len(first)
     for _, _, data in upstream.messages:  # both copies were rewritten (tracked)
         assert b"https://t.example/" in data
@@ -200,11 +179,8 @@ async def test_workers_leave_sigterm_to_the_relay(settings, alice, upstream):
     the workers too: they keep going until the relay closes their pipes."""
     import signal
 
-    from relay import service
-
     settings.relay.upstream_starttls = False
-    svc = await service.start(settings)
-    try:
+    async with running_relay(settings) as svc:
         delivery = svc.worker.proc
         prepare = [w.proc for w in svc.handler.preparer._workers]
         for pid in [delivery.pid, *(p.pid for p in prepare)]:
@@ -215,6 +191,4 @@ async def test_workers_leave_sigterm_to_the_relay(settings, alice, upstream):
         await wait_for(lambda: len(upstream.messages) == 1, timeout=30)
         assert svc.worker.proc is delivery
         assert [w.proc for w in svc.handler.preparer._workers] == prepare
-    finally:
-        await svc.stop()
     assert delivery.returncode == 0 and all(p.returncode == 0 for p in prepare)

@@ -605,22 +605,22 @@ class _Batch:
         ips: collections.OrderedDict[int, tuple[str, float]],
         opens: dict[int, int],
         feed_wanted: bool,
-        contexts: dict[int, dict] | None = None,
+        contexts: dict[int, dict],
     ) -> None:
         self.db = db
         self.recent = recent
         self.feed_wanted = feed_wanted
         ids = {h.delivery_id for h in hits}
-        kept = {} if contexts is None else contexts
-        self.contexts = {d: kept[d] for d in ids if d in kept}
-        unread = [d for d in ids if d not in kept]
+        self.contexts = {d: contexts[d] for d in ids if d in contexts}
+        unread = [d for d in ids if d not in contexts]
         if unread:
             found = tracking.copy_contexts(db, unread)
-            kept.update(found)
+            contexts.update(found)
             self.contexts.update(found)
         known = {d for d in ids if d in self.contexts}
-        for d in ids - known:
-            recent.forget(d)  # erased: its hits went with it
+        for d in ids - known:  # erased: its hits and opens went with it
+            recent.forget(d)
+            opens.pop(d, None)
         since = min((h.at for h in hits), default=time.time()) - recent.lookback
         cold = recent.missing(known, since)
         if cold:
@@ -642,8 +642,6 @@ class _Batch:
                         for p in found.get(d, ())
                     ],
                 )
-        for d in ids - known:
-            opens.pop(d, None)
         self.asked = known  # the copies whose open counts this batch knows
         self.open_counts = {d: opens[d] for d in known if d in opens}
         unknown = [d for d in known if d not in opens]

@@ -17,7 +17,8 @@ from store.db import now_iso
 from store.sql import rows, transaction
 
 _CONTEXT = """SELECT d.id AS delivery_id, d.email_id, d.recipient, d.contact_id, d.shared,
-                  d.delivered_at, d.created_at, e.user_id, e.subject, u.email AS user_email, c.lawful_basis, c.email AS contact_email,
+                  d.delivered_at, d.created_at, e.user_id, e.subject, u.email AS user_email,
+                  c.lawful_basis, c.email AS contact_email,
                   (SELECT COUNT(*) FROM links l WHERE l.email_id = d.email_id) AS link_count
            FROM deliveries d JOIN emails e ON e.id = d.email_id
            LEFT JOIN users u ON u.id = e.user_id

@@ -518,7 +518,7 @@ def plan(
             first_position=position,
         )
         links += pp.html.links
-        tracked = [link.position for link in pp.html.links if link.tracked and link.position]
+        tracked = [p.position for p in pp.html.links if p.tracked and p.position is not None]
         if tracked:
             position = max(tracked) + 1
     return MessagePlan(analysis, links, track_opens, track_clicks)

@@ -226,3 +226,33 @@ def test_any_markup_maps_back_to_the_original(parts):
     assert [u for _, u in clicked_urls(out)] == [
         e.url for e in sorted((e for e in plan.edits if e.kind == "click"), key=lambda e: e.start)
     ]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://Example.COM/offer",
+        "http://example.com",
+        "http://example.com:8080?x=1",
+        "http://example.com:/x",
+        "https://sub.ex-ample.co.uk#top",
+        "https://user:pw@example.com/x",
+        "http://[::1]:80/x",
+        "http://[::1",
+        "http://example.com:abc/x",
+        "http://exa%41mple.com/",
+        "https://",
+        "https:///path",
+        "http://host_name./x",
+    ],
+)
+def test_hostname_fast_path_agrees_with_urlsplit(url):
+    from urllib.parse import urlsplit
+
+    from relay.links import _hostname
+
+    try:
+        expected = urlsplit(url).hostname
+    except ValueError:
+        expected = None
+    assert _hostname(url) == expected

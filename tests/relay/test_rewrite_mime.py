@@ -117,6 +117,16 @@ def test_non_ascii_url_in_utf8_is_kept():
     assert clicked_urls(html_of(out)) == [(1, "https://example.com/straße?q=ü")]
 
 
+def test_ascii_text_skips_the_codec_only_where_ascii_bytes_mean_ascii():
+    """``meaning`` returns ASCII text as is for ASCII-compatible charsets; in others (EBCDIC)
+    the same bytes are read through the codec."""
+    for charset in ("utf-8", "iso-8859-15", "windows-1252", "koi8-r"):
+        assert rewrite.text_view(b"", charset).meaning("notrack") == "notrack", charset
+    ebcdic = rewrite.text_view(b"", "cp500")
+    assert ebcdic.byte_indexed
+    assert ebcdic.meaning("notrack") == b"notrack".decode("cp500") != "notrack"
+
+
 def test_lines_stay_within_998_octets():
     long_line = (
         "<p>"

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 
 from store import events as store_events
-from tests.support import wait_for
+from tests.support import hold_lock, wait_for
 from tests.tracker.test_process import CHROME, start_tracker
 from tracker import tokens
 
@@ -55,12 +55,16 @@ async def test_sigkilled_tracker_leaves_no_writer_behind_and_its_hits_written(se
         writers = children(proc.pid)
         assert len(writers) == 1, writers
         urls = [tokens.open_url(settings.tracker.base_url, signer, d) for d in made["deliveries"]]
+        # The database locked until after the kill: no hit can be written before it.
+        locker = hold_lock(settings.db_path, 2.0)
         await hit_all(urls * 5)
-        await asyncio.sleep(0.3)  # handed over (the tracker sends every 10 ms), maybe unwritten
+        await asyncio.sleep(0.3)  # handed over (the tracker sends every 10 ms), unwritten
+        assert store_events.count_hits(db) == 0
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
         # The pipe is closed by the kernel: the writer writes what it has and exits.
         await wait_for(lambda: not running(writers[0]), timeout=20)
+        assert locker.wait(timeout=10) == 0
     finally:
         if proc.returncode is None:
             proc.kill()

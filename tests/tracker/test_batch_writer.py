@@ -107,3 +107,35 @@ def test_random_batches_keep_reports_and_contacts_exact(settings, db):
         ).fetchone()[0]
         fresh = db.execute(f"SELECT ({report_schema.tail_sql(str(email_id))})").fetchone()[0]
         assert json.loads(cached) == json.loads(fresh), email_id
+
+
+def test_a_copy_deleted_while_the_writer_runs_is_read_again(settings, db):
+    """The writer keeps copies' contexts between batches only while no other connection
+    commits: a hit after the email is deleted is recorded unattached, as for any unknown
+    copy, not with the context kept from before."""
+    user = store_users.add_user(db, "alice@seller.example", "Alice", None)
+    made = tracking.add_sent_email(
+        db,
+        user_id=user["id"],
+        subject="S",
+        recipients=[("p@acme.test", None)],
+        links=[],
+        delivered_at=DELIVERED,
+        message_id="<m1@seller.test>",
+    )
+    (d,) = made["deliveries"]
+    writer = BatchWriter(settings, service.build_rules(settings))
+    writer.start()
+    try:
+        now = time.time()
+        writer.submit(PendingHit("open", d, None, "", "GET", AGENTS[0], "203.0.113.1", now)).result(
+            timeout=30
+        )
+        tracking.delete_email(db, made["email_id"])
+        writer.submit(
+            PendingHit("open", d, None, "", "GET", AGENTS[0], "203.0.113.1", now + 1)
+        ).result(timeout=30)
+    finally:
+        writer.close()
+    rows = db.execute("SELECT delivery_id, email_id FROM events WHERE inferred = 0").fetchall()
+    assert [tuple(r) for r in rows] == [(None, None)]

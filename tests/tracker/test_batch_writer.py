@@ -5,17 +5,19 @@ and every hit is one event."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import random
 import time
 
+import store
 from store import contacts as store_contacts
 from store import events as store_events
 from store import report_schema, tracking
 from store import users as store_users
 from tests.reports.test_summary_upkeep import check
 from tracker import service
-from tracker.writer import BatchWriter, PendingHit
+from tracker.writer import BatchWriter, PendingHit, _iso
 
 AGENTS = [
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -25,6 +27,7 @@ AGENTS = [
     "Mozilla/5.0",
 ]
 DELIVERED = "2026-01-01T00:00:00.000000+00:00"
+EDGES = (0.0, 0.0000004, 0.0000005, 0.5, 0.9999994, 0.9999995, 0.9999996)
 
 
 def test_random_batches_keep_reports_and_contacts_exact(settings, db):
@@ -139,3 +142,13 @@ def test_a_copy_deleted_while_the_writer_runs_is_read_again(settings, db):
         writer.close()
     rows = db.execute("SELECT delivery_id, email_id FROM events WHERE inferred = 0").fetchall()
     assert [tuple(r) for r in rows] == [(None, None)]
+
+
+def test_event_times_are_the_text_store_to_iso_makes():
+    """The writer's cached-seconds ``_iso`` gives what ``store.to_iso`` of a datetime gives,
+    microseconds rounded the same way (up into the next second included)."""
+    rng = random.Random(7)
+    times = [rng.uniform(0, 2e9) for _ in range(20_000)]
+    times += [s + f for s in (0, 1_767_225_599, 1_767_225_600) for f in EDGES]
+    for ts in times:
+        assert _iso(ts) == store.to_iso(dt.datetime.fromtimestamp(ts, dt.UTC)), ts

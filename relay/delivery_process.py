@@ -48,21 +48,13 @@ import sys
 from pathlib import Path
 
 import config
+from relay.prepare_process import _CHILD, _receive, child_env
 
 log = logging.getLogger("mailtally.relay.delivery")
 
 LOCK_NAME = "relay-delivery.lock"
 NICE = 10  # CPU priority below the accept path's (see "Priority" in the module docstring)
 RESPAWN_DELAY = 1.0  # seconds before a child that died on its own is started again
-ROOT = Path(__file__).resolve().parent.parent  # where ``relay`` is imported from
-# Signals are ignored before anything is imported: the relay stops its workers by closing
-# their pipe, and a SIGINT/SIGTERM sent to the whole process group (Ctrl-C, a service
-# manager) must not kill one half-way or make the relay start it again while it stops.
-_CHILD = (
-    "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
-    "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-    "from relay.{0} import main; main()"
-)
 
 
 class DeliveryProcess:
@@ -80,14 +72,12 @@ class DeliveryProcess:
         self._watch = asyncio.create_task(self._watcher(), name="relay-delivery-process")
 
     async def _spawn(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
             _CHILD.format("delivery_process"),
             stdin=asyncio.subprocess.PIPE,
-            env=env,
+            env=child_env(),
         )
         payload = pickle.dumps((self.settings, logging.getLogger().getEffectiveLevel()))
         self.proc.stdin.write(len(payload).to_bytes(8, "big") + payload)
@@ -142,22 +132,11 @@ class DeliveryProcess:
 # ---------------------------------------------------------------------- the child
 
 
-def _read_exactly(fd: int, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = os.read(fd, n - len(buf))
-        if not chunk:
-            raise EOFError("the relay closed the pipe before sending the settings")
-        buf += chunk
-    return buf
-
-
 def main() -> None:
     """Entry point of the child (``python -c``): settings from stdin, deliver until EOF."""
     try:
-        size = int.from_bytes(_read_exactly(0, 8), "big")
-        settings, level = pickle.loads(_read_exactly(0, size))
-    except EOFError:
+        settings, level = _receive(0)
+    except EOFError:  # the relay closed the pipe before sending the settings
         return
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     with contextlib.suppress(OSError):

@@ -51,6 +51,13 @@ _CHILD = (
 )
 
 
+def child_env() -> dict[str, str]:
+    """The environment for a worker child (``python -c``): ours, with ``relay`` importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
 class WorkerGone(Exception):
     """The prepare worker exited before it answered."""
 
@@ -73,13 +80,11 @@ class _Worker:
     waits for a request being written)."""
 
     def __init__(self, settings: config.Settings) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _CHILD.format("prepare_process")],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env=env,
+            env=child_env(),
         )
         self.lock = threading.Lock()  # guards ``waiting`` and ``alive``
         self.waiting: dict[int, Future] = {}

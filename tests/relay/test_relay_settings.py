@@ -9,7 +9,7 @@ import hashlib
 
 import aiosmtplib
 
-from tests.relay.conftest import PASSWORD, Upstream, html_message
+from tests.relay.conftest import PASSWORD, Upstream, html_message, running_relay, submit_all
 from tests.support import wait_for
 
 
@@ -28,18 +28,13 @@ async def login(settings) -> None:
 
 
 async def test_auth_cache_off_checks_the_password_every_time(settings, alice, monkeypatch):
-    from relay import service
-
     calls = []
     real = hashlib.scrypt
     monkeypatch.setattr(hashlib, "scrypt", lambda *a, **k: calls.append(1) or real(*a, **k))
     settings.relay.auth_cache_seconds = 0
-    svc = await service.start(settings)
-    try:
+    async with running_relay(settings):
         for _ in range(3):
             await login(settings)
-    finally:
-        await svc.stop()
     assert len(calls) == 3  # with the default 120 s cache this is 1
 
 
@@ -61,24 +56,18 @@ class SlowUpstream(Upstream):
 
 
 async def test_delivery_uses_as_many_upstream_connections_as_configured(settings, alice):
-    from relay import service
-
     up = SlowUpstream()
     await up.start()
     settings.relay.upstream = f"smtp://127.0.0.1:{up.port}"
     settings.relay.upstream_starttls = False
     settings.relay.delivery_connections = 2
-    svc = await service.start(settings)
+    # eight recipients: nothing holds one back for another
+    rcpts = [f"r{i}@client.test" for i in range(8)]
     try:
-        c = aiosmtplib.SMTP(hostname="127.0.0.1", port=port_of(settings), start_tls=False)
-        await c.connect()
-        await c.login("alice@corp.test", PASSWORD)
-        for i in range(8):  # eight recipients: nothing holds one back for another
-            rcpt = f"r{i}@client.test"
-            await c.sendmail("alice@corp.test", [rcpt], html_message("<p>hi</p>", to=rcpt))
-        await c.quit()
-        await wait_for(lambda: len(up.messages) == 8, timeout=60)
+        async with running_relay(settings):
+            mails = [(r, html_message("<p>hi</p>", to=r)) for r in rcpts]
+            await asyncio.to_thread(submit_all, settings, mails)
+            await wait_for(lambda: len(up.messages) == 8, timeout=60)
     finally:
-        await svc.stop()
         await up.stop()
     assert up.most == 2  # the default (8) would have had more open at once

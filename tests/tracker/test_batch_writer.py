@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import sqlite3
 import time
 
 import store
@@ -152,3 +153,38 @@ def test_event_times_are_the_text_store_to_iso_makes():
     times += [s + f for s in (0, 1_767_225_599, 1_767_225_600) for f in EDGES]
     for ts in times:
         assert _iso(ts) == store.to_iso(dt.datetime.fromtimestamp(ts, dt.UTC)), ts
+
+
+def test_a_batch_rolled_back_and_retried_leaves_no_phantom_priors(settings, db, monkeypatch):
+    """A batch that fails after recording hits in the writer's kept priors (then rolled
+    back and retried) must not leave those hits there twice: the copies are read again."""
+    user = store_users.add_user(db, "alice@seller.example", "Alice", None)
+    made = tracking.add_sent_email(
+        db,
+        user_id=user["id"],
+        subject="S",
+        recipients=[("p@acme.test", None)],
+        links=[],
+        delivered_at=DELIVERED,
+        message_id="<m1@seller.test>",
+    )
+    (d,) = made["deliveries"]
+    real, failed = store_events.insert_numbered, []
+
+    def locked_once(conn, events):
+        if not failed:
+            failed.append(len(events))
+            raise sqlite3.OperationalError("database is locked")
+        real(conn, events)
+
+    monkeypatch.setattr(store_events, "insert_numbered", locked_once)
+    writer = BatchWriter(settings, service.build_rules(settings))
+    writer.start()
+    now = time.time()
+    writer.submit(PendingHit("open", d, None, "", "GET", AGENTS[0], "203.0.113.1", now)).result(
+        timeout=30
+    )
+    writer.close()
+    assert failed == [1]
+    ids = [e["id"] for e in store_events.events_of_email(db, made["email_id"])]
+    assert [p.id for p in writer.recent.priors(d, now + 1)] == ids

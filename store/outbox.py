@@ -72,21 +72,6 @@ def due(db: sqlite_utils.Database, now: str, limit: int = 50) -> list[dict]:
     return [_decoded(r) for r in found]
 
 
-def active_page(db: sqlite_utils.Database, after_id: int = 0, limit: int = 256) -> list[dict]:
-    """Active entries with ``id > after_id`` in acceptance (id) order, due or not.
-
-    The delivery worker walks these pages to keep each recipient's mail in order: an entry
-    is only tried when no earlier active entry shares one of its recipients.
-    """
-    found = rows(
-        db,
-        """SELECT * FROM outbox WHERE status IN ('pending', 'retrying') AND id > ?
-           ORDER BY id LIMIT ?""",
-        [after_id, limit],
-    )
-    return [_decoded(r) for r in found]
-
-
 def active_brief(
     db: sqlite_utils.Database, after_id: int = 0, limit: int = 256
 ) -> list[tuple[int, str, str]]:

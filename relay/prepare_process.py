@@ -3,9 +3,9 @@
 Why: the relay's accept path is one process under one GIL, and analysing, planning and
 rendering the tracked copies (``relay.rewrite``) was about two thirds of its CPU per
 message; with the SMTP sessions, the group commit and the delivery worker on the same
-GIL, that capped accepting well below what the machine can do. Here they run in one
-worker process (``concurrent.futures.ProcessPoolExecutor`` of one, started from a fresh
-interpreter: the relay's process has threads, so it is never forked).
+GIL, that capped accepting well below what the machine can do. Here they run in
+``WORKERS`` worker processes of our own (:class:`_Worker`: ``python -c`` from a fresh
+interpreter, since the relay's process has threads and is never forked; a pipe each way).
 
 What crosses the pipe: to the worker the message and its envelope; back a
 ``submit.Prepared`` whose rewrite plan stays in the worker (plans are not picklable and

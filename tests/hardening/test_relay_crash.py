@@ -30,7 +30,7 @@ from relay import prepare_process
 from store import outbox as store_outbox
 from store import users as store_users
 from tests.relay.conftest import PASSWORD, Upstream
-from tests.support import free_port, wait_for
+from tests.support import alive, child_pids, free_port, wait_for
 
 MESSAGES = 500
 CLIENTS = 5
@@ -210,24 +210,6 @@ async def test_sigkill_during_a_burst_loses_no_accepted_message(tmp_path):
     db.close()
 
 
-def _children(pid: int) -> set[int]:
-    found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found |= {int(c) for c in (task / "children").read_text().split()}
-        except FileNotFoundError:
-            pass
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
 async def test_a_sigkilled_relay_leaves_no_worker_process_behind(tmp_path):
     """The delivery and prepare workers end when the relay is SIGKILLed (EOF on their
     pipe): no orphan keeps delivering beside the relay that is started next."""
@@ -239,9 +221,9 @@ async def test_a_sigkilled_relay_leaves_no_worker_process_behind(tmp_path):
     try:
         await relay.start()
         expected = 1 + prepare_process.WORKERS  # the delivery worker and the prepare workers
-        workers = await wait_for(lambda: len(c := _children(relay.proc.pid)) >= expected and c)
+        workers = await wait_for(lambda: len(c := child_pids(relay.proc.pid)) >= expected and c)
         await relay.kill()
-        await wait_for(lambda: not any(_alive(p) for p in workers), timeout=30)
+        await wait_for(lambda: not any(alive(p) for p in workers), timeout=30)
     finally:
         await relay.stop()
         await up.stop()

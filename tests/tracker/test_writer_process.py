@@ -7,36 +7,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from pathlib import Path
 
 import aiohttp
 
 from store import events as store_events
-from tests.support import hold_lock, wait_for
+from tests.support import alive, child_pids, hold_lock, wait_for
 from tests.tracker.test_process import CHROME, start_tracker
 from tracker import tokens
-
-
-def children(pid: int) -> list[int]:
-    """Process ids whose parent is ``pid``."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
-
-
-def running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 async def hit_all(urls: list[str]) -> None:
@@ -52,7 +29,7 @@ async def test_sigkilled_tracker_leaves_no_writer_behind_and_its_hits_written(se
     signer = tokens.Signer(settings.tracker.secrets)
     proc = await start_tracker(settings)
     try:
-        writers = children(proc.pid)
+        writers = child_pids(proc.pid)
         assert len(writers) == 1, writers
         urls = [tokens.open_url(settings.tracker.base_url, signer, d) for d in made["deliveries"]]
         # The database locked until after the kill: no hit can be written before it.
@@ -63,7 +40,7 @@ async def test_sigkilled_tracker_leaves_no_writer_behind_and_its_hits_written(se
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
         # The pipe is closed by the kernel: the writer writes what it has and exits.
-        await wait_for(lambda: not running(writers[0]), timeout=20)
+        await wait_for(lambda: not alive(writers[0]), timeout=20)
         assert locker.wait(timeout=10) == 0
     finally:
         if proc.returncode is None:
@@ -99,12 +76,12 @@ async def test_the_writer_ignores_sigterm_to_the_group_and_drains_at_eof(setting
     signer = tokens.Signer(settings.tracker.secrets)
     proc = await start_tracker(settings)
     try:
-        (writer,) = children(proc.pid)
+        (writer,) = child_pids(proc.pid)
         urls = [tokens.open_url(settings.tracker.base_url, signer, d) for d in made["deliveries"]]
         await hit_all(urls * 3)
         os.kill(writer, signal.SIGTERM)
         await asyncio.sleep(0.3)
-        assert running(writer)
+        assert alive(writer)
         await hit_all(urls)
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
@@ -112,5 +89,5 @@ async def test_the_writer_ignores_sigterm_to_the_group_and_drains_at_eof(setting
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    assert not running(writer)
+    assert not alive(writer)
     assert store_events.count_hits(db) == 40

@@ -16,8 +16,8 @@ message's copies and drop its plan. Plans whose render never comes (a batch that
 first) are dropped oldest first past ``MAX_PLANS``; a render that finds its plan gone
 fails open, as any rendering error does (the original goes out, the error is recorded).
 
-If the worker dies (OOM killer), the messages under way get 451 (a render fails open)
-and the next message starts a new one.
+If the worker dies (OOM killer), a message being prepared is prepared again by a new
+worker (a second death is a 451), and a render whose plan died with it fails open.
 """
 
 from __future__ import annotations
@@ -191,7 +191,18 @@ class PrepareProcess:
         )
 
     async def prepare(self, user: dict, mail_from: str, rcpts: list[str], data: bytes):
-        """``submit.prepare`` in a worker (raises ``submit.Refused`` as it does)."""
+        """``submit.prepare`` in a worker (raises ``submit.Refused`` as it does).
+
+        Preparing only reads, so a message whose worker died under it is prepared once more
+        by a new worker (a worker can die between two messages unnoticed until the reply
+        is missing); a second death is the caller's 451.
+        """
+        try:
+            return await self._prepare_once(user, mail_from, rcpts, data)
+        except WorkerGone:
+            return await self._prepare_once(user, mail_from, rcpts, data)
+
+    async def _prepare_once(self, user: dict, mail_from: str, rcpts: list[str], data: bytes):
         with self._lock:
             loads = [len(w.waiting) if w is not None else 0 for w in self._workers]
         worker = self._get(loads.index(min(loads)))

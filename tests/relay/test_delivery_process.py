@@ -127,6 +127,34 @@ async def test_a_prepare_given_up_half_way_does_not_stop_the_next_ones(settings,
         await asyncio.to_thread(preparer.close)
 
 
+async def test_a_message_whose_worker_dies_under_it_is_prepared_by_a_new_one(settings, alice):
+    """The worker holds the request (stopped), then dies: the message is prepared again by
+    a new worker instead of costing its client a 451."""
+    import signal
+
+    from relay import prepare_process
+    from store import users
+
+    user = users.find_user(store.connect(settings.db_path), "alice@corp.test")
+    data = html_message('<p><a href="https://e.test/">a</a></p>')
+    preparer = prepare_process.PrepareProcess(settings)
+    try:
+        await preparer.start()
+        first = preparer._workers[0].proc
+        first.send_signal(signal.SIGSTOP)
+        task = asyncio.create_task(
+            preparer.prepare(user, "alice@corp.test", ["carol@client.test"], data)
+        )
+        await wait_for(lambda: preparer._workers[0].waiting, timeout=10)
+        first.kill()
+        async with asyncio.timeout(30):
+            got = await task
+        assert got.result.external == ["carol@client.test"]
+        assert preparer._workers[0].proc.pid != first.pid
+    finally:
+        await asyncio.to_thread(preparer.close)
+
+
 async def test_requests_and_replies_survive_the_worker_being_stopped_and_continued(settings, alice):
     """SIGSTOP/SIGCONT (a debugger, a profiler, a loaded machine's scheduler) interrupts
     the pipe reads and writes half way; every reply must still arrive whole."""

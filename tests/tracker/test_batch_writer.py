@@ -113,10 +113,8 @@ def test_random_batches_keep_reports_and_contacts_exact(settings, db):
         assert json.loads(cached) == json.loads(fresh), email_id
 
 
-def test_a_copy_deleted_while_the_writer_runs_is_read_again(settings, db):
-    """The writer keeps copies' contexts between batches only while no other connection
-    commits: a hit after the email is deleted is recorded unattached, as for any unknown
-    copy, not with the context kept from before."""
+def _one_copy(db) -> tuple[dict, int]:
+    """One sent email with one delivered copy: (what ``add_sent_email`` made, the copy)."""
     user = store_users.add_user(db, "alice@seller.example", "Alice", None)
     made = tracking.add_sent_email(
         db,
@@ -128,6 +126,14 @@ def test_a_copy_deleted_while_the_writer_runs_is_read_again(settings, db):
         message_id="<m1@seller.test>",
     )
     (d,) = made["deliveries"]
+    return made, d
+
+
+def test_a_copy_deleted_while_the_writer_runs_is_read_again(settings, db):
+    """The writer keeps copies' contexts between batches only while no other connection
+    commits: a hit after the email is deleted is recorded unattached, as for any unknown
+    copy, not with the context kept from before."""
+    made, d = _one_copy(db)
     writer = BatchWriter(settings, service.build_rules(settings))
     writer.start()
     try:
@@ -158,17 +164,7 @@ def test_event_times_are_the_text_store_to_iso_makes():
 def test_a_batch_rolled_back_and_retried_leaves_no_phantom_priors(settings, db, monkeypatch):
     """A batch that fails after recording hits in the writer's kept priors (then rolled
     back and retried) must not leave those hits there twice: the copies are read again."""
-    user = store_users.add_user(db, "alice@seller.example", "Alice", None)
-    made = tracking.add_sent_email(
-        db,
-        user_id=user["id"],
-        subject="S",
-        recipients=[("p@acme.test", None)],
-        links=[],
-        delivered_at=DELIVERED,
-        message_id="<m1@seller.test>",
-    )
-    (d,) = made["deliveries"]
+    made, d = _one_copy(db)
     real, failed = store_events.insert_numbered, []
 
     def locked_once(conn, events):

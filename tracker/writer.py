@@ -24,7 +24,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -444,14 +444,15 @@ class BatchWriter(Backlog):
         )
         changed_rows: list[dict] = []
         if verdict.relabel:
-            # The re-labelling reads and recomputes from the stored events: only when it
-            # names an event still held by the batch must the batch be written first.
-            # Otherwise the held events are folded in after it, on top of the summaries and
-            # contact properties it recomputed (both add up: recomputed + held).
-            batch.flush_for(verdict.relabel)
-            changed_rows = store_events.relabel(
-                db, list(verdict.relabel), "machine", verdict.reason
-            )
+            # Events still held by the batch change in memory (they are counted when
+            # written); stored ones in the database, whose triggers recompute their
+            # summaries and contacts from the stored events. The held events are folded in
+            # after that, on top (both add up: recomputed + held).
+            stored, changed_rows = batch.relabel_held(verdict.relabel, "machine", verdict.reason)
+            if stored:
+                changed_rows = store_events.relabel(db, stored, "machine", verdict.reason) + (
+                    changed_rows
+                )
             batch.relabelled(changed_rows)
         if not batch.listened(ctx["user_id"], self._global_webhooks):
             return []
@@ -655,11 +656,8 @@ class _Batch:
         self.links = tracking.link_ids(db, clicked) if clicked else {}
         self._webhooks: dict[int, list[tuple[int | None, str, bool]]] = {}
         self._next_id = store_events.next_event_id(db)
-        self._events: list[dict] = []
-        self._touched: dict[int, tuple[str, str | None]] = {}
-        # The summary rows of the events kept so far (report_schema.fold_counted).
-        self._people: dict[tuple[int, str], list] = {}
-        self._reasons: dict[tuple[int, str, str, str], int] = {}
+        self._events: list[dict] = []  # held: numbered, not yet written
+        self._targets: list[str] = []  # whom each held event counts for in the summaries
         self.emails: set[int] = set()  # whose report entries to re-render at the end
 
     def copy(self, ctx: dict) -> classify.Copy:
@@ -671,31 +669,53 @@ class _Batch:
         return found
 
     def add_event(self, event: dict, target: str = "") -> int:
-        """Number an event and keep it for :meth:`flush`; a human, named one also moves its
-        contact's ``last_*_at`` (as :func:`store.events.touch_contact` does). ``target``:
-        whom its hits count for in the report summaries (``report_schema._TARGET``)."""
+        """Number an event and hold it for :meth:`flush`. ``target``: whom its hits count
+        for in the report summaries (``report_schema._TARGET``)."""
         event_id = event["id"] = self._next_id
         self._next_id += 1
         self._events.append(event)
-        if event.get("email_id") is not None:
-            self._count(event, target)
+        self._targets.append(target)
         if event["kind"] == "open" and event["verdict"] == "human":
             d = event.get("delivery_id")
             self.open_counts[d] = self.open_counts.get(d, 0) + 1
-        contact = event.get("contact_id")
-        if event["verdict"] == "human" and not event.get("anonymous") and contact:
-            at, click = self._touched.get(contact, ("", None))
-            if event["kind"] == "click" and (click is None or event["at"] > click):
-                click = event["at"]
-            self._touched[contact] = (max(at, event["at"]), click)
         return event_id
 
-    def _count(self, event: dict, target: str) -> None:
+    def relabel_held(
+        self, ids: Sequence[int], verdict: str, reason: str
+    ) -> tuple[list[int], list[dict]]:
+        """:func:`store.events.relabel` for the events still held: the named ones and the
+        inferred opens they caused take ``verdict`` and ``reason`` in memory. Returns the
+        ids that are not held (for the database) and the held events changed, each as the
+        database's re-labelling reports it (``previous_verdict`` added)."""
+        events = self._events
+        first = events[0]["id"] if events else self._next_id
+        held = {i for i in ids if i >= first}
+        stored = [i for i in ids if i < first]
+        changed: list[dict] = []
+        if held:
+            for e in events:
+                if (e["id"] in held or e.get("caused_by") in held) and (
+                    e["verdict"] != verdict or e["reason"] != reason
+                ):
+                    previous = e["verdict"]
+                    e["verdict"], e["reason"] = verdict, reason
+                    changed.append(
+                        dict(e, inferred=e.get("inferred", 0), previous_verdict=previous)
+                    )
+        return stored, changed
+
+    @staticmethod
+    def _count(
+        event: dict,
+        target: str,
+        people: dict[tuple[int, str], list],
+        reasons: dict[tuple[int, str, str, str], int],
+    ) -> None:
         """Add the event to its person's summary row, as ``report_schema._STATS`` counts."""
         key = (event["email_id"], target)
-        row = self._people.get(key)
+        row = people.get(key)
         if row is None:
-            row = self._people[key] = [0, 0, 0, None, None, 0, 0, 0, 0, 0, 0]
+            row = people[key] = [0, 0, 0, None, None, 0, 0, 0, 0, 0, 0]
         row[0] += 1
         kind, verdict = event["kind"], event["verdict"]
         if verdict == "human":
@@ -715,21 +735,28 @@ class _Batch:
         elif kind in ("open", "click"):
             row[_OTHER_COLUMN[kind, verdict]] += 1
             reason = (*key, verdict, event["reason"])
-            self._reasons[reason] = self._reasons.get(reason, 0) + 1
+            reasons[reason] = reasons.get(reason, 0) + 1
 
     def flush(self) -> None:
-        """Write the events kept so far, their contacts' properties and their summaries."""
+        """Write the events held, their contacts' properties and their summaries (counted
+        here, from the events as they are now: a held event may have been re-labelled)."""
+        people: dict[tuple[int, str], list] = {}
+        reasons: dict[tuple[int, str, str, str], int] = {}
+        touched: dict[int, tuple[str, str | None]] = {}  # as store.events.touch_contact
+        for event, target in zip(self._events, self._targets, strict=True):
+            if event.get("email_id") is not None:
+                self._count(event, target, people, reasons)
+            contact = event.get("contact_id")
+            if event["verdict"] == "human" and not event.get("anonymous") and contact:
+                at, click = touched.get(contact, ("", None))
+                if event["kind"] == "click" and (click is None or event["at"] > click):
+                    click = event["at"]
+                touched[contact] = (max(at, event["at"]), click)
         store_events.insert_numbered(self.db, self._events)
-        store_events.touch_contacts(self.db, self._touched)
-        report_schema.fold_counted(self.db, self._people, self._reasons, self._next_id)
-        self.emails.update(x for x, _ in self._people)
-        self._events, self._touched, self._people, self._reasons = [], {}, {}, {}
-
-    def flush_for(self, event_ids) -> None:
-        """:meth:`flush` if any of ``event_ids`` is among the events held (not yet written)."""
-        events = self._events
-        if events and max(event_ids) >= events[0]["id"]:
-            self.flush()
+        store_events.touch_contacts(self.db, touched)
+        report_schema.fold_counted(self.db, people, reasons, self._next_id)
+        self.emails.update(x for x, _ in people)
+        self._events, self._targets = [], []
 
     def opened(self, delivery_id: int) -> int:
         """The copy's human opens so far, inferred ones included."""

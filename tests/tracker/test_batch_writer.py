@@ -184,3 +184,103 @@ def test_a_batch_rolled_back_and_retried_leaves_no_phantom_priors(settings, db, 
     assert failed == [1]
     ids = [e["id"] for e in store_events.events_of_email(db, made["email_id"])]
     assert [p.id for p in writer.recent.priors(d, now + 1)] == ids
+
+
+def _two_copies(db, user: dict, n: int) -> tuple[int, list[int], list[int]]:
+    """Email ``n`` to two new contacts with three links: (email id, copies, contact ids)."""
+    pairs = [
+        (a, store_contacts.ensure_contact(db, a)[0]["id"]) for a in (f"a{n}@x.test", f"b{n}@x.test")
+    ]
+    made = tracking.add_sent_email(
+        db,
+        user_id=user["id"],
+        subject=f"S{n}",
+        recipients=pairs,
+        links=[f"https://example.com/{i}" for i in range(3)],
+        delivered_at=DELIVERED,
+        message_id=f"<m{n}@seller.test>",
+    )
+    return made["email_id"], made["deliveries"], [c for _, c in pairs]
+
+
+# (copy, kind, link position, client address, seconds): a human open and click, a click
+# without an open (an inferred open), then a link burst on that copy (the earlier click
+# and its inferred open turn machine), and opens from more and more addresses.
+BURSTS = [
+    (0, "open", None, "198.51.100.1", 0.0),
+    (0, "click", 0, "198.51.100.1", 4.0),
+    (1, "click", 1, "198.51.100.2", 5.0),
+    (1, "click", 2, "198.51.100.2", 5.4),
+    (1, "click", 0, "198.51.100.2", 5.6),
+    (0, "open", None, "198.51.100.3", 9.0),
+    (0, "open", None, "198.51.100.4", 9.5),
+    (0, "open", None, "198.51.100.5", 10.0),
+    (1, "open", None, "198.51.100.2", 12.0),
+]
+
+
+def test_a_burst_within_one_batch_is_labelled_as_hit_by_hit(settings, db):
+    """Re-labelling events still held by the batch (not yet written) gives the events,
+    contact properties, summaries and notices that one batch per hit gives."""
+    user = store_users.add_user(db, "alice@seller.example", "Alice", None)
+    now = time.time() - 60
+    runs = {}
+    for n, one_batch in ((1, False), (2, True)):
+        email_id, copies, contact_ids = _two_copies(db, user, n)
+        notices: list[dict] = []
+        writer = BatchWriter(
+            settings, service.build_rules(settings), lambda got, _q, into=notices: into.extend(got)
+        )
+        hits = [
+            PendingHit(kind, copies[c], pos, "https://example.com/", "GET", AGENTS[0], ip, now + s)
+            for c, kind, pos, ip, s in BURSTS
+        ]
+        if one_batch:
+            writer.enqueue_many(hits)  # queued before the thread runs: one batch
+            writer.start()
+        else:
+            writer.start()
+            for hit in hits:
+                writer.submit(hit).result(timeout=30)
+        writer.close()
+        assert writer.batches == (1 if one_batch else len(hits))
+        index = {d: i for i, d in enumerate(copies)}
+        first = min(e["id"] for e in store_events.events_of_email(db, email_id))
+        runs[n] = {
+            "events": [
+                (index[e["delivery_id"]], e["kind"], e["inferred"], e["verdict"], e["reason"])
+                + (e["caused_by"] and e["caused_by"] - first,)
+                for e in store_events.events_of_email(db, email_id)
+            ],
+            "contacts": [
+                {
+                    k: v
+                    for k, v in store_contacts.find_contact(db, f"{p}{n}@x.test").items()
+                    if k.startswith("last_")
+                }
+                for p in "ab"
+            ],
+            "notices": [
+                (
+                    x["type"],
+                    x["kind"],
+                    x["inferred"],
+                    x["verdict"],
+                    x["reason"],
+                    x.get("previous_verdict"),
+                )
+                + (x.get("open_number"),)
+                for x in notices
+            ],
+            "report": [
+                tuple(r)[2:]
+                for r in db.execute(
+                    "SELECT * FROM report_people WHERE email_id = ? ORDER BY target", [email_id]
+                )
+            ],
+        }
+        check(db, [email_id])
+    reasons = {e[4] for e in runs[1]["events"]}
+    assert "link_burst" in reasons and any(e[3] == "machine" and e[2] for e in runs[1]["events"])
+    assert any(x[0] == "relabel" for x in runs[1]["notices"])
+    assert runs[2] == runs[1]

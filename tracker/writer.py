@@ -692,9 +692,11 @@ class _Batch:
         held = {i for i in ids if i >= first}
         stored = [i for i in ids if i < first]
         changed: list[dict] = []
-        if held:
-            for e in events:
-                if (e["id"] in held or e.get("caused_by") in held) and (
+        # Held events are numbered in order from ``first``; an inferred open is made
+        # right after the event that caused it.
+        for i in sorted(held):
+            for e in events[i - first : i - first + 2]:
+                if (e["id"] == i or e.get("caused_by") == i) and (
                     e["verdict"] != verdict or e["reason"] != reason
                 ):
                     previous = e["verdict"]

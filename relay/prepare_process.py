@@ -217,6 +217,8 @@ class PrepareProcess:
             loads = [len(w.waiting) if w is not None else 0 for w in self._workers]
         worker = self._get(loads.index(min(loads)))
         prepared = await asyncio.wrap_future(worker.call("prepare", user, mail_from, rcpts, data))
+        if prepared.data is None:  # the worker left the message as it came (see _prepare)
+            prepared.data = data
         if isinstance(prepared.plan, PlanRef):
             prepared.plan.worker = worker.serial
         return prepared
@@ -370,6 +372,8 @@ def _prepare(user: dict, mail_from: str, rcpts: list[str], data: bytes):
     from relay import submit
 
     prepared = submit.prepare(_settings, _db, user, mail_from, rcpts, data)
+    if prepared.data == data:  # no header removed or added: the parent has these bytes
+        prepared.data = None
     if prepared.plan is not None:
         key = next(_keys)
         _plans[key] = prepared.plan

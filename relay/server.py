@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 import ssl
 from concurrent.futures import ThreadPoolExecutor
 
@@ -50,6 +51,17 @@ class _Deferred:
         self.mechanism, self.auth_data = mechanism, auth_data
 
 
+# ``<local@domain>`` with a dot-atom local part and a plain domain, followed by nothing or by
+# ESMTP parameters without comments, quotes or escapes: what clients send. For these
+# aiosmtpd's parser (email's header-value parser, ~80 us per MAIL or RCPT) gives exactly
+# the address between the brackets and the rest without its leading blanks.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_PATH = re.compile(
+    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>"
+    r"(?:[ \t]*([!#-'*-\[\]-~][ !#-'*-\[\]-~]*))?"
+)
+
+
 class RelaySMTP(StreamedDataSMTP):
     """aiosmtpd's SMTP with AUTH-over-plaintext decided per client address, and DATA read
     in chunks (``ingest.smtpdata``: aiosmtpd's per-line reading was the largest CPU item).
@@ -64,6 +76,16 @@ class RelaySMTP(StreamedDataSMTP):
         super().__init__(*args, **kwargs)
         self._trusted = trusted
         self._implicit_tls = implicit_tls
+
+    def _getaddr(self, arg: str):  # type: ignore[override]
+        """aiosmtpd's parse of a MAIL/RCPT path, without its parser for the plain case."""
+        found = _PLAIN_PATH.fullmatch(arg)
+        if found is None:
+            return super()._getaddr(arg)
+        addr = found.group(1)
+        if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return addr, found.group(2) or ""
 
     # The scrypt check takes tens of milliseconds of CPU: aiosmtpd calls the authenticator
     # synchronously, so it is deferred here and run in the handler's auth thread instead of
@@ -120,6 +142,7 @@ class Handler:
         self.committer = GroupCommitter(settings, renderer=self.preparer.render)
         self.auth_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-auth")
         self.auth_db = store.connect(settings.db_path, migrate=False)  # used by auth_executor
+        self.mail_db = store.connect(settings.db_path, migrate=False)  # on the event loop
         self.limiter = authguard.FailureLimiter(
             settings.relay.auth_max_failures, settings.relay.auth_window_seconds
         )
@@ -131,6 +154,7 @@ class Handler:
         self.committer.close()
         self.preparer.close()
         self.auth_db.close()
+        self.mail_db.close()
 
     # --- AUTH ---------------------------------------------------------------------------------
 
@@ -168,11 +192,10 @@ class Handler:
         if not isinstance(user, dict):
             return "530 5.7.0 Authentication required"
         addr = addresses.normalize(address)
-        # A quick read on the auth thread's connection: MAIL need not queue behind the
-        # rewriting of other sessions' messages in ``preparer``.
-        own = await asyncio.get_running_loop().run_in_executor(
-            self.auth_executor, submit.user_addresses, self.auth_db, user["id"]
-        )
+        # One indexed read (~10 us; WAL: a reader never waits for a writer), on the event
+        # loop's own connection: a hop to a thread and back cost more than the read, and
+        # under load each hop waited for the GIL.
+        own = submit.user_addresses(self.mail_db, user["id"])
         if addr not in own:
             return f"553 5.7.1 Sender address {addr or '<>'} is not one of your addresses"
         envelope.mail_from = address

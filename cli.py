@@ -278,13 +278,32 @@ async def serve(settings: config.Settings, names: Iterable[str]) -> None:
             await service.stop()
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """The event loop the services run on: uvloop where it is installed (a dependency on
+    Linux and macOS). The tracker's HTTP side spends most of its CPU in the loop and in
+    aiohttp's transport calls, and uvloop's cost about half as much (bench/bench_tracker.py
+    measures both servers on this loop). Plain asyncio elsewhere, or with
+    ``MAILTALLY_EVENT_LOOP=asyncio``."""
+    if os.environ.get("MAILTALLY_EVENT_LOOP", "").lower() != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    # The default policy's loop, not asyncio.new_event_loop(): a policy that makes its
+    # loops here (the test suite's) must not be asked again.
+    return asyncio.DefaultEventLoopPolicy().new_event_loop()
+
+
 def run_services(app: App, names: list[str]) -> None:
     settings = app.settings
     store.connect(settings.db_path).close()  # create/upgrade before any service starts
     if not names:
         fail("no service is available in this build")
     try:
-        asyncio.run(serve(settings, names))
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(serve(settings, names))
     except OSError as exc:
         fail(f"cannot start: {exc.strerror or exc}")
 

@@ -17,8 +17,8 @@ from store import events as store_events
 from store import report_schema, tracking
 from store import users as store_users
 from tests.reports.test_summary_upkeep import check
-from tracker import service
-from tracker.writer import BatchWriter, PendingHit, _iso
+from tracker import classify, service
+from tracker.writer import STALE_MARGIN, BatchWriter, PendingHit, _iso, _RecentHits
 
 AGENTS = [
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -284,3 +284,37 @@ def test_a_burst_within_one_batch_is_labelled_as_hit_by_hit(settings, db):
     assert "link_burst" in reasons and any(e[3] == "machine" and e[2] for e in runs[1]["events"])
     assert any(x[0] == "relabel" for x in runs[1]["notices"])
     assert runs[2] == runs[1]
+
+
+def test_recent_hits_let_go_of_idle_copies_and_old_hits():
+    """Pruning drops the copies with no hit left in the burst window and a copy hit for long
+    lets go of its oldest hits; whatever is kept, a copy not reported missing for a batch
+    gives exactly its hits in the window (else the batch reads it again)."""
+    recent = _RecentHits(lookback=30.0)
+    hits: dict[int, list[classify.Prior]] = {}
+
+    def add(d: int, at: float) -> None:
+        p = classify.Prior(
+            len(hits) * 1000 + len(hits.get(d, [])), "open", at, "ip", "human", "human", None
+        )
+        hits.setdefault(d, []).append(p)
+        recent.add(d, p)
+
+    def exact(at: float) -> None:
+        since = at - 30.0
+        for d in hits:
+            if d not in recent.missing({d}, since):
+                want = [p.id for p in hits[d] if p.at >= since]
+                assert [p.id for p in recent.priors(d, at)] == want, (d, at)
+
+    for d in range(1, 4):
+        add(d, 100.0)
+    add(2, 140.0)  # copy 2 is in use again; 1 and 3 stay idle
+    recent.prune(150.0)
+    assert sorted(recent._copies) == [2]
+    exact(150.0)
+    for n in range(100):  # copy 5 hit every second for 100 s
+        add(5, 200.0 + n)
+        exact(200.0 + n + 0.5)
+    assert min(p.at for p in recent._copies[5][1]) >= 299.0 - 2 * 30.0 - STALE_MARGIN
+    assert recent.missing({5}, 210.0) == [5]  # its early hits are gone: read again

@@ -31,6 +31,21 @@ DELIVERED = "2026-01-01T00:00:00.000000+00:00"
 EDGES = (0.0, 0.0000004, 0.0000005, 0.5, 0.9999994, 0.9999995, 0.9999996)
 
 
+def _sent(db, user: dict, n: int, pairs: list, *, shared: bool = False) -> dict:
+    """Sent email number ``n`` (``<mN@seller.test>``, the id ``check`` looks for) to
+    ``pairs`` (address, contact id), with three links."""
+    return tracking.add_sent_email(
+        db,
+        user_id=user["id"],
+        subject=f"S{n}",
+        recipients=pairs,
+        links=[f"https://example.com/{n}/{i}" for i in range(3)],
+        shared=shared,
+        delivered_at=DELIVERED,
+        message_id=f"<m{n}@seller.test>",
+    )
+
+
 def test_random_batches_keep_reports_and_contacts_exact(settings, db):
     rng = random.Random(99)
     user = store_users.add_user(db, "alice@seller.example", "Alice", None)
@@ -40,16 +55,7 @@ def test_random_batches_keep_reports_and_contacts_exact(settings, db):
     for n in range(6):
         shared = n == 5
         pairs = [(a, contacts[a]) for a in rng.sample(people, 3)]
-        made = tracking.add_sent_email(
-            db,
-            user_id=user["id"],
-            subject=f"S{n}",
-            recipients=pairs,
-            links=[f"https://example.com/{n}/{i}" for i in range(3)],
-            shared=shared,
-            delivered_at=DELIVERED,
-            message_id=f"<m{n + 1}@seller.test>",
-        )
+        made = _sent(db, user, n + 1, pairs, shared=shared)
         assert made["email_id"] == n + 1
         email_ids.append(made["email_id"])
         copies += [(made["email_id"], d) for d in made["deliveries"]]
@@ -191,15 +197,7 @@ def _two_copies(db, user: dict, n: int) -> tuple[int, list[int], list[int]]:
     pairs = [
         (a, store_contacts.ensure_contact(db, a)[0]["id"]) for a in (f"a{n}@x.test", f"b{n}@x.test")
     ]
-    made = tracking.add_sent_email(
-        db,
-        user_id=user["id"],
-        subject=f"S{n}",
-        recipients=pairs,
-        links=[f"https://example.com/{i}" for i in range(3)],
-        delivered_at=DELIVERED,
-        message_id=f"<m{n}@seller.test>",
-    )
+    made = _sent(db, user, n, pairs)
     return made["email_id"], made["deliveries"], [c for _, c in pairs]
 
 

@@ -8,6 +8,11 @@ is far behind (``BatchWriter.backlog_limit`` hits) does a response wait, at most
 ``write_wait_seconds``, for its commit: back-pressure that bounds the queue. So pixels and
 redirects keep working while the database is locked, and a click still redirects after
 its email was erased.
+
+The endpoints are served by aiohttp's low-level server (``web.Server``) with a handful of
+prefix tests for routing (:func:`route`), not by ``web.Application``: the application's
+router, match info and middleware chain cost about a third of the HTTP side's CPU per
+request under load (measured with wrk: ~85-95 against ~50-65 us).
 """
 
 from __future__ import annotations
@@ -48,8 +53,24 @@ HONEYPOT_PAGE = "<!doctype html><html><head><title>-</title></head><body></body>
 PREFETCH_HEADERS = ("sec-purpose", "purpose", "x-moz", "x-purpose")
 FEED_HEARTBEAT = 15.0
 
-KEY_WRITER = web.AppKey("writer", WriterProcess)
-KEY_FEED = web.AppKey("feed", notify.Feed)
+# What each endpoint answers to; others get 405 (as aiohttp's router answers).
+READ_METHODS = ("GET", "HEAD")
+FEED_METHODS = ("GET",)
+
+
+def route(path: str) -> tuple[str, str]:
+    """The endpoint for a (decoded) request path and its argument: ("pixel", tail),
+    ("click", token), ("healthz", ""), ("feed", ""), or ("", "") for nothing."""
+    if path.startswith("/o/"):
+        return "pixel", path[3:]
+    if path.startswith("/c/"):
+        token = path[3:]
+        return ("click", token) if token and "/" not in token else ("", "")
+    if path == "/healthz":
+        return "healthz", ""
+    if path == "/feed":
+        return "feed", ""
+    return "", ""
 
 
 class ClientAddress:
@@ -91,14 +112,12 @@ def _location(url: str) -> str | None:
     return urllib.parse.quote(url, safe="".join(chr(i) for i in range(0x21, 0x7F)))
 
 
-def make_app(
-    settings: config.Settings, writer: WriterProcess, feed: notify.Feed
-) -> web.Application:
+def make_server(settings: config.Settings, writer: WriterProcess, feed: notify.Feed) -> web.Server:
     signer = Signer(settings.tracker.secrets)
     client_address = ClientAddress(settings.tracker.trusted_proxies)
     wait = settings.tracker.write_wait_seconds
 
-    async def record(request: web.Request, kind: str, token, url: str = "") -> None:
+    async def record(request: web.BaseRequest, kind: str, token, url: str = "") -> None:
         headers = request.headers
         prefetch = {h: headers[h] for h in PREFETCH_HEADERS if h in headers}
         hit = (  # PendingHit's fields, as a plain tuple (what goes to the writer process)
@@ -121,15 +140,14 @@ def make_app(
         except TimeoutError:
             pass
 
-    async def pixel(request: web.Request) -> web.Response:
-        tail = request.match_info["tail"]
+    async def pixel(request: web.BaseRequest, tail: str) -> web.Response:
         token = signer.verify(tail[:-4] if tail.endswith(".gif") else tail)
         if token is not None and token.kind == "open":
             await record(request, "open", token)
         return web.Response(body=GIF, headers=PIXEL_HEADERS)
 
-    async def click(request: web.Request) -> web.Response:
-        token = signer.verify(request.match_info["token"])
+    async def click(request: web.BaseRequest, token_text: str) -> web.Response:
+        token = signer.verify(token_text)
         if token is not None and token.kind == "honeypot":
             await record(request, "honeypot", token)
             return web.Response(
@@ -155,14 +173,14 @@ def make_app(
             },
         )
 
-    async def healthz(request: web.Request) -> web.Response:
+    async def healthz(request: web.BaseRequest, _: str) -> web.Response:
         ok = writer.alive
         return web.json_response(
             {"status": "ok" if ok else "writer stopped", "queued": writer.pending},
             status=200 if ok else 503,
         )
 
-    async def feed_handler(request: web.Request) -> web.StreamResponse:
+    async def feed_handler(request: web.BaseRequest, _: str) -> web.StreamResponse:
         expected = settings.tracker.feed_token
         given = request.headers.get("Authorization", "")
         given = given[7:] if given.lower().startswith("bearer ") else ""
@@ -194,26 +212,34 @@ def make_app(
             feed.unsubscribe(q)
         return resp
 
-    @web.middleware
-    async def never_500(request: web.Request, handler):
-        """Whatever goes wrong, a pixel is still a GIF and nothing else is a traceback."""
-        try:
-            return await handler(request)
-        except web.HTTPNotFound:
-            # Unrouted paths (e.g. /c/a/b) get the same plain page as a bad token.
-            return web.Response(status=404, text=NOT_FOUND_PAGE, content_type="text/html")
-        except web.HTTPException:
-            raise
-        except Exception:
-            if request.path.startswith("/o/"):
-                return web.Response(body=GIF, headers=PIXEL_HEADERS)
-            return web.Response(status=404, text=NOT_FOUND_PAGE, content_type="text/html")
+    endpoints = {
+        "pixel": (pixel, READ_METHODS),
+        "click": (click, READ_METHODS),
+        "healthz": (healthz, READ_METHODS),
+        "feed": (feed_handler, FEED_METHODS),
+    }
 
-    app = web.Application(middlewares=[never_500])
-    app[KEY_WRITER] = writer
-    app[KEY_FEED] = feed
-    app.router.add_get("/o/{tail:.*}", pixel)  # add_get answers HEAD too
-    app.router.add_get("/c/{token}", click)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/feed", feed_handler, allow_head=False)
-    return app
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        """Route, and whatever goes wrong, a pixel is still a GIF and nothing else is a
+        traceback."""
+        name, arg = route(request.path)
+        try:
+            if not name:
+                return not_found()
+            handler, methods = endpoints[name]
+            if request.method not in methods:
+                return web.Response(
+                    status=405, text="405: Method Not Allowed", headers={"Allow": ",".join(methods)}
+                )
+            return await handler(request, arg)
+        except Exception:
+            if name == "pixel":
+                return web.Response(body=GIF, headers=PIXEL_HEADERS)
+            return not_found()
+
+    return web.Server(handle, access_log=None)
+
+
+def not_found() -> web.Response:
+    """The plain page for a bad token or an unrouted path (nothing of the request in it)."""
+    return web.Response(status=404, text=NOT_FOUND_PAGE, content_type="text/html")

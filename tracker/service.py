@@ -9,7 +9,7 @@ from aiohttp import web
 
 import config
 from tracker import classify, netdata
-from tracker.app import make_app
+from tracker.app import make_server
 from tracker.notify import Feed, WebhookSender
 from tracker.writer_process import WriterProcess
 
@@ -62,8 +62,8 @@ class TrackerService:
         await self.writer.start()
         self.webhooks = WebhookSender(self.settings, self.feed.wake_webhooks)
         await self.webhooks.start()
-        self.runner = web.AppRunner(
-            make_app(self.settings, self.writer, self.feed), access_log=None, shutdown_timeout=5.0
+        self.runner = web.ServerRunner(
+            make_server(self.settings, self.writer, self.feed), shutdown_timeout=5.0
         )
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, backlog=1024)

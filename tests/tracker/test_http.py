@@ -387,3 +387,37 @@ async def test_healthz(tracker):
     async with aiohttp.ClientSession() as s:
         async with s.get(f"{base}/healthz") as r:
             assert r.status == 200 and (await r.json())["status"] == "ok"
+
+
+async def test_routes_methods_and_no_traceback(tracker, sent, monkeypatch):
+    """What each path and method gets from the tracker's own routing: the endpoints, 404's
+    plain page for anything else (a token never spans a slash), 405 with Allow for other
+    methods; and when recording fails, a pixel is still the GIF and a link the plain page."""
+    svc, base, signer = tracker
+    made = sent()
+    d = made["deliveries"][0]
+    link = tokens.click_url(base, signer, d, 0, "https://example.com/a")
+    async with aiohttp.ClientSession() as s:
+        for path in ("/c/a/b", "/c/", "/", "/o", "/elsewhere", "/healthz/", "/feed/x"):
+            status, headers, body = await get(s, base + path)
+            assert status == 404 and b"Link not found" in body, path
+        for method, url, allow in [
+            ("POST", f"{base}/o/x.gif", "GET,HEAD"),
+            ("PUT", link, "GET,HEAD"),
+            ("DELETE", f"{base}/healthz", "GET,HEAD"),
+            ("HEAD", f"{base}/feed", "GET"),
+        ]:
+            status, headers, _ = await get(s, url, method)
+            assert (status, headers["Allow"]) == (405, allow), (method, url)
+        assert (await get(s, f"{base}/healthz", "HEAD"))[0] == 200
+        assert (await get(s, f"{base}/feed"))[0] == 401  # routed: asks for its token
+
+        def broken(hit):
+            raise RuntimeError("recording failed")
+
+        monkeypatch.setattr(svc.writer, "enqueue", broken)
+        status, headers, body = await get(s, tokens.open_url(base, signer, d))
+        assert status == 200 and body.startswith(b"GIF89a")
+        assert headers["Cache-Control"] == NO_CACHE
+        status, headers, body = await get(s, link)
+        assert status == 404 and "Location" not in headers and b"Link not found" in body

@@ -1,5 +1,7 @@
-"""The relay's fast parse of MAIL/RCPT paths (``relay.server.RelaySMTP._getaddr``) gives
-what aiosmtpd's own parser gives, for the plain paths it handles and for everything else."""
+"""The relay's fast parses give what the parsers they skip give, for the plain forms they
+handle and for everything else: MAIL/RCPT paths (``relay.server.RelaySMTP._getaddr``
+against aiosmtpd's) and envelope addresses (``relay.submit.normalized`` against
+``store.addresses.normalize``)."""
 
 from __future__ import annotations
 
@@ -88,3 +90,37 @@ _CHARS = st.sampled_from(list("ab.@<> \t\"()\\:[],;=+-_'!#~ü") + ["SIZE=1", "AU
 def test_any_path_agrees_with_aiosmtpd(arg):
     fast, slow = _both(arg)
     assert fast == slow
+
+
+def test_normalized_agrees_with_store_normalize():
+    from relay import submit
+    from store import addresses
+
+    for addr in [
+        "Bench@Corp.Example",
+        "r0@dest.example",
+        "a.b+tag@sub-d.example.com",
+        "O'Neil@x.example",
+        "a..b@c.d",
+        ".a@b.c",
+        "a@b.c.",
+        " a@b.c",
+        '"Bob" <Bob@X.com>',
+        "bob@x.com (Bob)",
+        "",
+        "ü@b.c",
+    ]:
+        assert submit.normalized(addr) == addresses.normalize(addr), addr
+    assert submit._PLAIN_ADDRESS.fullmatch("r0@dest.example")  # the fast way is taken
+
+
+_ADDR_CHARS = st.sampled_from(list("aB.@<> \t\"()\\:[],;=+-_'!#~ü"))
+
+
+@hsettings(max_examples=3000, deadline=None)
+@given(st.lists(_ADDR_CHARS, max_size=20).map("".join))
+def test_any_address_normalizes_as_store_does(addr):
+    from relay import submit
+    from store import addresses
+
+    assert submit.normalized(addr) == addresses.normalize(addr)

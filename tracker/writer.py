@@ -397,7 +397,8 @@ class BatchWriter(Backlog):
             )
             return []
         recent = batch.recent.priors(hit.delivery_id, hit.at)
-        verdict = classify.classify(request, batch.copy(ctx), recent, self.rules)
+        seen = batch.recent.seen(hit.delivery_id)
+        verdict = classify.classify(request, batch.copy(ctx), recent, self.rules, seen)
         anonymous = bool(ctx["shared"]) or (
             self.settings.privacy.enabled and ctx["lawful_basis"] != "yes"
         )
@@ -530,9 +531,10 @@ class _RecentHits:
         self.lookback = lookback
         # Least recently added to first: pruning stops at the first copy still in use
         # instead of looking at every copy (50,000 copies cost 8% of the writer's time).
-        self._copies: collections.OrderedDict[int, tuple[float, list[classify.Prior]]] = (
-            collections.OrderedDict()
-        )
+        # copy -> (since, its hits, a classify.Seen of them)
+        self._copies: collections.OrderedDict[
+            int, tuple[float, list[classify.Prior], classify.Seen]
+        ] = collections.OrderedDict()
         self._pruned_at = 0.0
 
     def missing(self, delivery_ids: set[int], since: float) -> list[int]:
@@ -541,7 +543,7 @@ class _RecentHits:
         return [d for d in delivery_ids if d not in copies or copies[d][0] > since]
 
     def load(self, delivery_id: int, since: float, priors: list[classify.Prior]) -> None:
-        self._copies[delivery_id] = (since, priors)
+        self._copies[delivery_id] = (since, priors, classify.Seen(priors))
         self._copies.move_to_end(delivery_id)
 
     def priors(self, delivery_id: int, at: float) -> list[classify.Prior]:
@@ -555,24 +557,28 @@ class _RecentHits:
             return rows
         return rows[bisect.bisect_left(rows, start, key=_prior_at) :]
 
+    def seen(self, delivery_id: int) -> classify.Seen | None:
+        """Where the copy's kept hits came from (None: none kept)."""
+        found = self._copies.get(delivery_id)
+        return None if found is None else found[2]
+
     def add(self, delivery_id: int, prior: classify.Prior) -> None:
         """A hit just recorded becomes a prior of the hits after it."""
         copies = self._copies
         found = copies.get(delivery_id)
         if found is None:
-            found = copies[delivery_id] = (prior.at, [])
+            found = copies[delivery_id] = (prior.at, [], classify.Seen())
         else:
             copies.move_to_end(delivery_id)
         rows = found[1]
         rows.append(prior)
+        found[2].add(prior)
         if len(rows) > 1 and (rows[-2].at, rows[-2].id) > (prior.at, prior.id):
             rows.sort(key=lambda p: (p.at, p.id))
         cut = prior.at - 2 * self.lookback - STALE_MARGIN
         if rows[0].at < cut:  # a copy hit for long: its oldest hits go (read again if asked)
-            copies[delivery_id] = (
-                max(found[0], cut),
-                rows[bisect.bisect_left(rows, cut, key=_prior_at) :],
-            )
+            rows = rows[bisect.bisect_left(rows, cut, key=_prior_at) :]
+            copies[delivery_id] = (max(found[0], cut), rows, classify.Seen(rows))
 
     def relabelled(self, changed: dict) -> None:
         """An earlier event turned machine: its prior follows."""
@@ -580,9 +586,12 @@ class _RecentHits:
         if found is None:
             return
         rows = found[1]
-        for i, p in enumerate(rows):
+        for i in range(len(rows) - 1, -1, -1):  # mostly among the last
+            p = rows[i]
             if p.id == changed["id"]:
                 rows[i] = p._replace(verdict=changed["verdict"], reason=changed["reason"])
+                found[2].add(rows[i])
+                break
 
     def forget(self, delivery_id: int) -> None:
         self._copies.pop(delivery_id, None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from tracker import classify
@@ -898,10 +900,67 @@ def test_verdict(case):
         headers=headers,
         position=position,
     )
-    got = classify.classify(hit, Copy(delivered_at=T0, link_count=links), recent, RULES)
+    copy = Copy(delivered_at=T0, link_count=links)
+    got = classify.classify(hit, copy, recent, RULES)
     assert (got.verdict, got.reason) == (verdict, reason)
     assert got.verdict == classify.REASONS[got.reason][0]
     assert set(got.relabel) == set(relabel)
+    # The writer's way: the earlier hits' addresses kept in a Seen, same verdict.
+    assert classify.classify(hit, copy, recent, RULES, classify.Seen(recent)) == got
+
+
+def test_seen_gives_the_verdicts_of_the_earlier_hits_themselves():
+    """Random copies' histories (addresses, proxies, self hits, honeypot hits, hits older
+    than the window, hits re-labelled to the honeypot later): classify with a Seen kept as
+    the writer keeps it gives what classify from the list of earlier hits gives."""
+    rng = random.Random(21)
+    ips = ["198.51.100.1", "198.51.100.2", "198.51.100.3", "198.51.100.4", None, ""]
+    reasons = [("human", "human")] * 4 + [
+        ("machine", "google_image_proxy"),
+        ("self", "self_network"),
+        ("machine", "honeypot"),
+        ("machine", "link_burst"),
+    ]
+    agents = [CHROME, GMAIL_PROXY]
+    differed = set()
+    for _ in range(3000):
+        now = T0 + 3600
+        history = []
+        for i in range(rng.randint(0, 12)):
+            verdict, reason = rng.choice(reasons)
+            at = now - rng.uniform(0, rng.choice([2, 80]))
+            history.append(
+                Prior(
+                    i,
+                    rng.choice(["open", "click"]),
+                    at,
+                    rng.choice(ips),
+                    verdict,
+                    reason,
+                    rng.choice([None, 0, 1]),
+                )
+            )
+        history.sort(key=lambda p: p.at)
+        seen = classify.Seen(history)
+        if history and rng.random() < 0.3:  # a later honeypot hit re-labels one of them
+            i = rng.randrange(len(history))
+            history[i] = history[i]._replace(verdict="machine", reason="honeypot")
+            seen.add(history[i])
+        recent = [p for p in history if p.at >= now - RULES.lookback_seconds]
+        hit = Hit(
+            kind=rng.choice(["open", "click"]),
+            method="GET",
+            user_agent=rng.choice(agents),
+            ip=rng.choice(ips[:4]),
+            at=now,
+            headers={},
+            position=rng.choice([0, 1, 2]),
+        )
+        copy = Copy(delivered_at=T0, link_count=3)
+        want = classify.classify(hit, copy, recent, RULES)
+        assert classify.classify(hit, copy, recent, RULES, seen) == want, (hit, history)
+        differed.add(want.reason)
+    assert {"human", "address_burst", "honeypot_client", "link_burst"} <= differed
 
 
 def test_network_set_handles_big_lists_and_bad_input():

@@ -237,8 +237,9 @@ def classify(
     hit: Hit, copy: Copy, recent: Sequence[Prior], rules: Rules, seen: Seen | None = None
 ) -> Verdict:
     """The verdict on ``hit``; ``recent`` are the copy's earlier hits, oldest first (those
-    within :attr:`Rules.lookback_seconds` of it at least), ``seen`` a :class:`Seen` of
-    the same hits (and perhaps older ones), or None to work it out from ``recent``."""
+    within :attr:`Rules.lookback_seconds` of it at least; every rule looks at their times),
+    ``seen`` a :class:`Seen` of the same hits, or None to work it out from ``recent``. With
+    ``seen``, ``recent`` must be in time order (the writer keeps it so)."""
     ua = hit.user_agent.strip()
     if hit.ip in rules.sender_networks:
         return _verdict("self_network")
@@ -287,9 +288,18 @@ def classify(
         return _verdict("delivery_window")
     if hit.kind == "click" and hit.position is not None:
         start = hit.at - rules.link_burst_seconds
-        burst = [
-            p for p in recent if p.kind == "click" and p.position is not None and p.at >= start
-        ]
+        if seen is not None:  # the writer's hits are in time order: only the last few count
+            burst = []
+            for p in reversed(recent):
+                if p.at < start:
+                    break
+                if p.kind == "click" and p.position is not None:
+                    burst.append(p)
+            burst.reverse()
+        else:
+            burst = [
+                p for p in recent if p.kind == "click" and p.position is not None and p.at >= start
+            ]
         positions = {p.position for p in burst} | {hit.position}
         if len(positions) >= 2 and (len(positions) >= copy.link_count or len(positions) >= 3):
             return _verdict("link_burst", [p.id for p in burst if _counts(p)])

@@ -396,8 +396,7 @@ class BatchWriter(Backlog):
                 }
             )
             return []
-        recent = batch.recent.priors(hit.delivery_id, hit.at)
-        seen = batch.recent.seen(hit.delivery_id)
+        recent, seen = batch.recent.priors(hit.delivery_id)
         verdict = classify.classify(request, batch.copy(ctx), recent, self.rules, seen)
         anonymous = bool(ctx["shared"]) or (
             self.settings.privacy.enabled and ctx["lawful_basis"] != "yes"
@@ -546,21 +545,13 @@ class _RecentHits:
         self._copies[delivery_id] = (since, priors, classify.Seen(priors))
         self._copies.move_to_end(delivery_id)
 
-    def priors(self, delivery_id: int, at: float) -> list[classify.Prior]:
-        """The copy's hits within the burst window before ``at``."""
+    def priors(self, delivery_id: int) -> tuple[list[classify.Prior], classify.Seen | None]:
+        """The copy's kept hits in time order (all from its ``since`` on; the rules look at
+        their times, so no copy of the window is made) and where they came from."""
         found = self._copies.get(delivery_id)
         if found is None:
-            return []
-        rows = found[1]
-        start = at - self.lookback
-        if not rows or rows[0].at >= start:
-            return rows
-        return rows[bisect.bisect_left(rows, start, key=_prior_at) :]
-
-    def seen(self, delivery_id: int) -> classify.Seen | None:
-        """Where the copy's kept hits came from (None: none kept)."""
-        found = self._copies.get(delivery_id)
-        return None if found is None else found[2]
+            return [], None
+        return found[1], found[2]
 
     def add(self, delivery_id: int, prior: classify.Prior) -> None:
         """A hit just recorded becomes a prior of the hits after it."""

@@ -13,6 +13,7 @@ import socket
 import statistics
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -159,9 +160,13 @@ async def run_client(*args) -> dict:
     return await run_script(CLIENT, *args)
 
 
-async def repeated(runs: int, *args) -> dict:
-    res = [await run_client(*args) for _ in range(runs)]
+def summarise(res: list[dict]) -> dict:
+    """Rate and latencies of several load runs, each as a spread."""
     return {k: spread([r[k] for r in res]) for k in ("rate", "p50_ms", "p99_ms")}
+
+
+async def repeated(runs: int, *args) -> dict:
+    return summarise([await run_client(*args) for _ in range(runs)])
 
 
 class Discard:
@@ -176,21 +181,30 @@ async def smtp_load(
 ) -> dict:
     """The SMTP load every accept benchmark uses: the mail at ``path`` to 1 and 3 recipients
     from 16 connections, 3 runs each (``auth``: user and password to AUTH with)."""
-    out = {}
+    return (await smtp_interleaved(quick, {"": (port, path, totals, auth)}))[""]
+
+
+async def smtp_interleaved(
+    quick: bool,
+    servers: dict[str, tuple[int, str, tuple[int, int], tuple[str, ...]]],
+    settle: Callable[[], Awaitable[None]] | None = None,
+) -> dict[str, dict[int, dict]]:
+    """:func:`smtp_load` against several servers (name: port, mail path, totals quick/full,
+    auth), their runs interleaved (a, b, a, b, ...) so that a change in what else the
+    machine runs hits each alike; ``settle`` is awaited before every run (so that no
+    server's work left over from its last run lands in another's)."""
+    runs: dict[str, dict[int, list[dict]]] = {name: {1: [], 3: []} for name in servers}
     for rc in (1, 3):
-        out[rc] = await repeated(
-            3,
-            "smtp",
-            "127.0.0.1",
-            port,
-            16,
-            totals[0] if quick else totals[1],
-            5 if quick else 20,
-            path,
-            rc,
-            *auth,
-        )
-    return out
+        for _ in range(3):
+            for name, (port, path, totals, auth) in servers.items():
+                if settle is not None:
+                    await settle()
+                total = totals[0] if quick else totals[1]
+                limit = 5 if quick else 20
+                runs[name][rc].append(
+                    await run_client("smtp", "127.0.0.1", port, 16, total, limit, path, rc, *auth)
+                )
+    return {name: {rc: summarise(r) for rc, r in by.items()} for name, by in runs.items()}
 
 
 async def smtp_baseline(quick: bool) -> dict:

@@ -418,39 +418,26 @@ def rows_for(
 ) -> list[dict]:
     """The table rows of one load generator."""
     ratio = real["sustained"]["median"] / bare["rate"]["median"]
-    out = [
-        row(
-            f"bare aiohttp GIF/302, 64 conns, {client}",
+
+    def baseline(name: str, figures: dict | None, note: str = "baseline") -> dict:
+        if not figures:
+            return row(f"{name}, {client}", "req/s", None, f"{note} (not installed)")
+        more = {"server_cpu_us_per_request": figures["cpu_us"]} if "cpu_us" in figures else {}
+        return row(
+            f"{name}, 64 conns, {client}",
             "req/s",
-            bare["rate"],
-            "baseline",
-            p50_ms=bare["p50_ms"],
-            p99_ms=bare["p99_ms"],
-            server_cpu_us_per_request=bare["cpu_us"],
-        ),
-        row(
-            f"bare aiohttp low-level server GIF/302, 64 conns, {client}",
-            "req/s",
-            low["rate"],
-            "baseline (the API the tracker uses)",
-            p50_ms=low["p50_ms"],
-            p99_ms=low["p99_ms"],
-            server_cpu_us_per_request=low["cpu_us"],
-        ),
-    ]
-    if ngx:
-        out.append(
-            row(
-                f"nginx GIF/302 (1 worker), 64 conns, {client}",
-                "req/s",
-                ngx["rate"],
-                "baseline",
-                p50_ms=ngx["p50_ms"],
-                p99_ms=ngx["p99_ms"],
-            )
+            figures["rate"],
+            note,
+            p50_ms=figures["p50_ms"],
+            p99_ms=figures["p99_ms"],
+            **more,
         )
-    else:
-        out.append(row(f"nginx GIF/302, {client}", "req/s", None, "baseline (not installed)"))
+
+    out = [
+        baseline("bare aiohttp GIF/302", bare),
+        baseline("bare aiohttp low-level server GIF/302", low, "baseline (the tracker's API)"),
+        baseline("nginx GIF/302 (1 worker)", ngx),
+    ]
     out.append(
         row(
             f"tracker pixel+click, answered and recorded, 64 conns, {client}",

@@ -284,7 +284,11 @@ def _hand_off(settings: config.Settings, prepared: Prepared) -> None:
 
 
 def discard(db: sqlite_utils.Database, prepared: Prepared) -> None:
-    """Queueing failed (the client hears 4xx and retries): drop the rows made for it."""
+    """Queueing failed (the client hears 4xx and retries): drop the rows made for it.
+
+    Once they are gone it forgets their ids, so a second call (a batch that fails after
+    one of its messages failed alone) drops nothing: ids are reused, and by then they may
+    be another message's rows."""
     if not prepared.result.email_id:
         return
     try:
@@ -294,7 +298,9 @@ def discard(db: sqlite_utils.Database, prepared: Prepared) -> None:
             prepared.delivery_ids,
         )
     except Exception:  # e.g. the database is still locked: the rows stay, unqueued
-        pass
+        return
+    prepared.email_created = False
+    prepared.delivery_ids = []
 
 
 def _record(db, groups, shared, **email) -> tuple[int, bool, list[int]]:

@@ -181,3 +181,26 @@ async def test_message_whose_hand_off_fails_fails_alone_in_its_batch(settings, d
     assert [r["rcpts"] for r in rows] == [["dave@client.test"]]
     deliveries = db.execute("SELECT recipient FROM deliveries").fetchall()
     assert [d[0] for d in deliveries] == ["dave@client.test"]
+
+
+def test_discard_twice_leaves_a_later_messages_rows(settings, db, alice):
+    """A message dropped once and then again (it failed alone, then its batch failed) must
+    not take the rows of a message recorded in between, which reuse its ids."""
+    from relay import submit
+    from store.sql import transaction
+
+    def recorded(to: str) -> submit.Prepared:
+        msg = html_message('<a href="https://example.com/">go</a>', to=to)
+        prepared = submit.prepare(settings, db, alice, "alice@corp.test", [to], msg)
+        with transaction(db):
+            submit.record(db, prepared)
+        return prepared
+
+    first = recorded("carol@client.test")
+    submit.discard(db, first)
+    second = recorded("dave@client.test")
+    assert second.delivery_ids == [d["id"] for d in sent.deliveries_of(db, second.result.email_id)]
+    submit.discard(db, first)
+    deliveries = db.execute("SELECT recipient FROM deliveries").fetchall()
+    assert [d[0] for d in deliveries] == ["dave@client.test"]
+    assert db.execute("SELECT id FROM emails").fetchall() == [(second.result.email_id,)]

@@ -213,7 +213,7 @@ class Seen:
     when it last fooled the honeypot. The writer keeps one per copy, updated as hits are
     added, so that a hit on a copy hit hundreds of times within the window does not look
     at each of them (a fifth of the writer's time under the tracker bench's load).
-    :func:`classify` gives the same verdict with it as without it."""
+    :func:`classify` makes one from the earlier hits when it is given none."""
 
     __slots__ = ("addresses", "honeypots")
 
@@ -226,7 +226,7 @@ class Seen:
     def add(self, p: Prior) -> None:
         """Count an earlier hit (or one re-labelled since: only its reason can make it count
         for more, as a hit that fooled the honeypot)."""
-        if p.ip and p.verdict != SELF and p.reason not in _PROXY_REASONS:
+        if p.ip and _distinct_client(p):
             if self.addresses.get(p.ip, -math.inf) < p.at:
                 self.addresses[p.ip] = p.at
         if p.reason == "honeypot" and self.honeypots.get(p.ip, -math.inf) < p.at:
@@ -236,10 +236,13 @@ class Seen:
 def classify(
     hit: Hit, copy: Copy, recent: Sequence[Prior], rules: Rules, seen: Seen | None = None
 ) -> Verdict:
-    """The verdict on ``hit``; ``recent`` are the copy's earlier hits, oldest first (those
-    within :attr:`Rules.lookback_seconds` of it at least; every rule looks at their times),
-    ``seen`` a :class:`Seen` of the same hits, or None to work it out from ``recent``. With
-    ``seen``, ``recent`` must be in time order (the writer keeps it so)."""
+    """The verdict on ``hit``; ``recent`` are the copy's earlier hits (those within
+    :attr:`Rules.lookback_seconds` of it at least; every rule looks at their times) and
+    ``seen`` a :class:`Seen` of them. The writer keeps both per copy, ``recent`` in time
+    order; without ``seen`` they are made here."""
+    if seen is None:
+        recent = sorted(recent, key=_at)
+        seen = Seen(recent)
     ua = hit.user_agent.strip()
     if hit.ip in rules.sender_networks:
         return _verdict("self_network")
@@ -251,18 +254,9 @@ def classify(
         window = hit.at - rules.address_burst_seconds
         fooled = [p.id for p in recent if p.ip == hit.ip and p.at >= window and p.id is not None]
         return _verdict("honeypot", relabel=[i for i in fooled if _human(recent, i)])
-    if seen is not None:
-        fooled_at = seen.honeypots.get(hit.ip)
-        if fooled_at is not None and hit.at - fooled_at <= rules.address_burst_seconds:
-            return _verdict("honeypot_client")
-    else:
-        for p in recent:  # a loop, not any(genexpr): this runs for every hit and earlier hit
-            if (
-                p.reason == "honeypot"
-                and p.ip == hit.ip
-                and hit.at - p.at <= rules.address_burst_seconds
-            ):
-                return _verdict("honeypot_client")
+    fooled_at = seen.honeypots.get(hit.ip)
+    if fooled_at is not None and hit.at - fooled_at <= rules.address_burst_seconds:
+        return _verdict("honeypot_client")
     if not ua:
         return _verdict("empty_user_agent")
     since_delivery = hit.at - copy.delivered_at if copy.delivered_at is not None else None
@@ -288,32 +282,20 @@ def classify(
         return _verdict("delivery_window")
     if hit.kind == "click" and hit.position is not None:
         start = hit.at - rules.link_burst_seconds
-        if seen is not None:  # the writer's hits are in time order: only the last few count
-            burst = []
-            for p in reversed(recent):
-                if p.at < start:
-                    break
-                if p.kind == "click" and p.position is not None:
-                    burst.append(p)
-            burst.reverse()
-        else:
-            burst = [
-                p for p in recent if p.kind == "click" and p.position is not None and p.at >= start
-            ]
+        burst = []
+        for p in reversed(recent):  # in time order: only the last few are in the window
+            if p.at < start:
+                break
+            if p.kind == "click" and p.position is not None:
+                burst.append(p)
+        burst.reverse()
         positions = {p.position for p in burst} | {hit.position}
         if len(positions) >= 2 and (len(positions) >= copy.link_count or len(positions) >= 3):
             return _verdict("link_burst", [p.id for p in burst if _counts(p)])
     start = hit.at - rules.address_burst_seconds
-    # The distinct client addresses first (inlined _distinct_client: the common case is no
-    # burst, and it is decided without building the list of the burst's hits).
-    if seen is not None:
-        addresses = {ip for ip, at in seen.addresses.items() if at >= start}
-    else:
-        addresses = {
-            p.ip
-            for p in recent
-            if p.at >= start and p.ip and p.verdict != SELF and p.reason not in _PROXY_REASONS
-        }
+    # The distinct client addresses first: the common case is no burst, and it is decided
+    # without building the list of the burst's hits.
+    addresses = {ip for ip, at in seen.addresses.items() if at >= start}
     addresses.add(hit.ip)
     if len(addresses) >= rules.address_burst_count:
         burst = [p for p in recent if p.at >= start and p.ip and _distinct_client(p)]
@@ -331,6 +313,10 @@ def _human(recent: Sequence[Prior], event_id: int) -> bool:
 
 
 _PROXY_REASONS = frozenset({"google_image_proxy", "outlook_image_proxy", "yahoo_image_proxy"})
+
+
+def _at(p: Prior) -> float:
+    return p.at
 
 
 def _distinct_client(p: Prior) -> bool:

@@ -499,7 +499,7 @@ def fold_counted(
     reasons: dict[tuple[int, str, str, str], int],
     next_id: int,
 ) -> None:
-    """:func:`fold_batch` for a writer that counted its events itself as it made them:
+    """:func:`fold_batch` for a writer that counted its events itself before writing them:
     ``people`` maps (email id, target) to the values of ``_STAT_COLUMNS`` for its new
     events, ``reasons`` (email id, target, verdict, reason) to a count, and every event
     below ``next_id`` is in them. The events are not read back and grouped again.

@@ -224,8 +224,7 @@ class Seen:
             self.add(p)
 
     def add(self, p: Prior) -> None:
-        """Count an earlier hit (or one re-labelled since: only its reason can make it count
-        for more, as a hit that fooled the honeypot)."""
+        """Count an earlier hit."""
         if p.ip and _distinct_client(p):
             if self.addresses.get(p.ip, -math.inf) < p.at:
                 self.addresses[p.ip] = p.at

@@ -580,8 +580,9 @@ class _RecentHits:
         for i in range(len(rows) - 1, -1, -1):  # mostly among the last
             p = rows[i]
             if p.id == changed["id"]:
+                # Its Seen needs nothing new: a hit re-labelled for the honeypot came from the
+                # address of the honeypot hit that re-labelled it, a later hit kept already.
                 rows[i] = p._replace(verdict=changed["verdict"], reason=changed["reason"])
-                found[2].add(rows[i])
                 break
 
     def forget(self, delivery_id: int) -> None:

@@ -206,7 +206,7 @@ class _PartTemplate:
     groups: list[_Group]
     tail: bytes
     original: bytes  # the encoded body
-    edits: list[htmlrewrite.Edit]  # in text order: ``render``'s values follow it
+    edits: list[htmlrewrite.Edit]  # in text order: ``render_into``'s values follow it
     line_len: int = 76  # base64
     _limit: int | None = None
 
@@ -215,15 +215,10 @@ class _PartTemplate:
             self._limit = _longest(self.original)
         return self._limit
 
-    def render(self, values: list[bytes]) -> bytes:
-        """The encoded body with ``values[i]`` in place of the i-th edit (in text order)."""
-        out: list[bytes] = []
-        self.render_into(values, out)
-        return b"".join(out)
-
     def render_into(self, values: list[bytes], out: list[bytes]) -> None:
-        """``render`` as pieces appended to ``out``: the message is joined once, not once
-        for the part and again for the message (a copy of a 600 KB body each)."""
+        """The encoded body with ``values[i]`` in place of the i-th edit (in text order), as
+        pieces appended to ``out``: the message is joined once, not once for the part and
+        again for the message (a copy of a 600 KB body each)."""
         if self.encoding == "base64":
             g = self.groups[0]
             decoded = _interleave(g.pieces, values, 0)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from tracker import classify
+from tracker import classify, netdata
 from tracker.classify import Copy, Hit, Prior, Rules
 from tracker.netdata import NetworkSet, load_networks, load_patterns
 
@@ -989,3 +989,17 @@ def test_network_set_handles_big_lists_and_bad_input():
     assert "2001:db8:1::1" in nets and "2001:db9::1" not in nets
     assert "::ffff:10.0.0.1" in nets  # IPv4-mapped IPv6 from a dual-stack socket
     assert "not-an-ip" not in nets and "" not in nets
+
+
+def test_network_set_answers_again_as_it_answered_first(monkeypatch):
+    """Its answers are kept per address (and start over when many are kept): asked again,
+    an address gets the answer a fresh lookup gives."""
+    monkeypatch.setattr(netdata, "SEEN_KEPT", 50)
+    nets = NetworkSet(["10.0.0.0/16", "2001:db8::/32"])
+    rng = random.Random(5)
+    addresses = [f"10.0.{rng.randint(0, 1)}.{rng.randint(0, 3)}" for _ in range(40)]
+    addresses += [f"10.{rng.randint(0, 1)}.0.{i}" for i in range(60)] + ["2001:db8::1", "x"]
+    for _ in range(3):
+        for ip in addresses:
+            assert (ip in nets) == nets._lookup(ip), ip
+    assert len(nets._seen) <= 50

@@ -21,7 +21,7 @@ of the text swallows the rest, as in a browser, so scanning is linear):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from html.entities import html5
 from string import ascii_letters
@@ -210,16 +210,17 @@ def _ci(word: str) -> str:
     )
 
 
-def _ci_any(words: tuple[str, ...] | list[str]) -> str:
-    """One of ``words`` (case-insensitive), common prefixes factored out: a tag name is
-    compared with the one branch of its first letter, not with every word."""
+def any_of(words: tuple[str, ...] | list[str], char: Callable[[str], str] = re.escape) -> str:
+    """A regex for one of ``words``, common prefixes factored out (``char``: the pattern of
+    one character): ``re`` enters a branch only when its first character matches, so a word
+    is compared with the one branch of its first character, not with every word."""
     if "" in words:
         rest = [w for w in words if w]
-        return f"(?:{_ci_any(rest)})?" if rest else ""
+        return f"(?:{any_of(rest, char)})?" if rest else ""
     by_first: dict[str, list[str]] = {}
     for w in words:
-        by_first.setdefault(w[0].lower(), []).append(w[1:])
-    branches = [_ci(c) + _ci_any(tails) for c, tails in by_first.items()]
+        by_first.setdefault(w[0], []).append(w[1:])
+    branches = [char(c) + any_of(tails, char) for c, tails in by_first.items()]
     return branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
 
 
@@ -233,8 +234,8 @@ _RAW_ELEMENTS = "|".join(
 # Text, then markup that is no token, then text, ...: one loop turn per tag (not one for the
 # tag and one for the text after it), every alternative after one shared '<'.
 _SKIP = rf"""[^<]*+(?:<(?:
-    (?!{_ci_any(LINK_START + RAW_TEXT)}{_AFTER_NAME})[A-Za-z]{_TAG_REST}
-  | /(?!{_ci_any(LINK_END)}{_AFTER_NAME})[A-Za-z]{_TAG_REST}
+    (?!{any_of(LINK_START + RAW_TEXT, _ci)}{_AFTER_NAME})[A-Za-z]{_TAG_REST}
+  | /(?!{any_of(LINK_END, _ci)}{_AFTER_NAME})[A-Za-z]{_TAG_REST}
   | !--(?!(?i:\[if)[^\]]*+\]>)(?:>|(?:[^-]++|-(?!->))*+(?:-->|\Z))
   | (?:!(?!--)|\?)[^>]*+(?:>|\Z)
   | {_RAW_ELEMENTS}

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from relay.htmlscan import unescape_attr
+from relay.htmlscan import any_of, unescape_attr
 
 TRACKED = "tracked"
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*):")
@@ -48,21 +48,7 @@ _UNSUBSCRIBE_WORDS = (
 _STRIP_URL = str.maketrans("", "", "\t\n\r")
 
 
-def _any_of(words: tuple[str, ...] | list[str]) -> str:
-    """A regex that finds where one of ``words`` occurs, with common prefixes factored out:
-    ``re`` enters a branch only when its first character matches, so a search tries one
-    branch per position instead of one per word. For a presence test only: a word that
-    extends another (``unsubscribe``, ``unsub``) is found as the shorter one."""
-    if "" in words:
-        return ""
-    by_first: dict[str, list[str]] = {}
-    for w in words:
-        by_first.setdefault(w[0], []).append(w[1:])
-    branches = [re.escape(c) + _any_of(tails) for c, tails in by_first.items()]
-    return branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
-
-
-_UNSUBSCRIBE = re.compile(_any_of(_UNSUBSCRIBE_WORDS))
+_UNSUBSCRIBE = re.compile(any_of(_UNSUBSCRIBE_WORDS))  # a presence test
 _BAD_URL_CHAR = re.compile(r"[\s\x00-\x1f]")  # str.isspace() or a control character
 
 

@@ -165,10 +165,6 @@ def summarise(res: list[dict]) -> dict:
     return {k: spread([r[k] for r in res]) for k in ("rate", "p50_ms", "p99_ms")}
 
 
-async def repeated(runs: int, *args) -> dict:
-    return summarise([await run_client(*args) for _ in range(runs)])
-
-
 class Discard:
     """aiosmtpd handler that accepts every message and keeps nothing: the baseline server."""
 
@@ -205,23 +201,6 @@ async def smtp_interleaved(
                     await run_client("smtp", "127.0.0.1", port, 16, total, limit, path, rc, *auth)
                 )
     return {name: {rc: summarise(r) for rc, r in by.items()} for name, by in runs.items()}
-
-
-async def smtp_baseline(quick: bool) -> dict:
-    """aiosmtpd that accepts and discards: the ceiling for any aiosmtpd-based server."""
-    from aiosmtpd.controller import Controller
-
-    port = free_port()
-    ctl = Controller(Discard(), hostname="127.0.0.1", port=port)
-    ctl.start()
-    try:
-        path = mail_file(3)
-        try:
-            return await smtp_load(port, quick, path)
-        finally:
-            Path(path).unlink()
-    finally:
-        ctl.stop()
 
 
 def row(bench: str, unit: str, value, target: str, met=None, baseline=None, ratio=None, **more):

@@ -55,9 +55,8 @@ class _Deferred:
 # ESMTP parameters without comments, quotes or escapes: what clients send. For these
 # aiosmtpd's parser (email's header-value parser, ~80 us per MAIL or RCPT) gives exactly
 # the address between the brackets and the rest without its leading blanks.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN_PATH = re.compile(
-    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>"
+    rf"<({submit.PLAIN_ADDRESS.pattern})>"
     r"(?:[ \t]*([!#-'*-\[\]-~][ !#-'*-\[\]-~]*))?"
 )
 

@@ -45,13 +45,15 @@ class Result:
 
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_PLAIN_ADDRESS = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+# A dot-atom local part and a plain domain: what envelopes carry (also used by
+# ``relay.server`` for the address between a MAIL/RCPT path's brackets).
+PLAIN_ADDRESS = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 
 
 def normalized(address: str) -> str:
     """``store.addresses.normalize``, without email's address parser (~8 us a call, several
     per message) for the plain ``local@domain`` that envelopes carry: it is that, lower-cased."""
-    if _PLAIN_ADDRESS.fullmatch(address):
+    if PLAIN_ADDRESS.fullmatch(address):
         return address.lower()
     return addresses.normalize(address)
 

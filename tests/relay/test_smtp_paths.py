@@ -111,7 +111,7 @@ def test_normalized_agrees_with_store_normalize():
         "ü@b.c",
     ]:
         assert submit.normalized(addr) == addresses.normalize(addr), addr
-    assert submit._PLAIN_ADDRESS.fullmatch("r0@dest.example")  # the fast way is taken
+    assert submit.PLAIN_ADDRESS.fullmatch("r0@dest.example")  # the fast way is taken
 
 
 _ADDR_CHARS = st.sampled_from(list("aB.@<> \t\"()\\:[],;=+-_'!#~ü"))

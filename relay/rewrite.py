@@ -406,6 +406,22 @@ class MessagePlan:
     pixel: bool
     honeypot: bool
     _static: list | None = None
+    _targets: list[tuple[int, str]] | None = None
+
+    @property
+    def click_targets(self) -> list[tuple[int, str]]:
+        """The distinct (position, URL) the click edits ask ``render``'s ``click`` for: a
+        renderer mints their tokens for a copy at once (their payloads share a prefix)."""
+        if self._targets is None:
+            found = {
+                (e.position, e.url): None
+                for pp in self.analysis.parts
+                if pp.html is not None
+                for e in pp.html.edits
+                if e.kind == "click"
+            }
+            self._targets = list(found)
+        return self._targets
 
     @property
     def tracked_links(self) -> list[tuple[int, str]]:

@@ -7,6 +7,7 @@ or was addressed to a logging address. Runs in a worker thread with its own conn
 
 from __future__ import annotations
 
+import functools
 import re
 import traceback
 from dataclasses import dataclass, field
@@ -318,15 +319,29 @@ def _plan(settings, analysis, decision):
     )
 
 
+@functools.lru_cache(maxsize=4)
+def _signer(secrets: tuple[str, ...]) -> tokens.Signer:
+    return tokens.Signer(list(secrets))
+
+
 def render_copies(settings, plan, delivery_ids) -> list[bytes]:
-    """Each delivery's rewritten copy of a planned message."""
-    signer = tokens.Signer(settings.tracker.secrets)
+    """Each delivery's rewritten copy of a planned message.
+
+    A copy's click tokens are minted together (``Signer.click_tokens``): what follows the
+    delivery id in each payload is the same in every copy and is packed once per message.
+    The URLs are ``tokens.click_url``'s."""
+    signer = _signer(tuple(settings.tracker.secrets))
     base_url = settings.tracker.base_url
+    targets = plan.click_targets
+    parts = [tokens.click_part(position, url) for position, url in targets]
+    click_base = f"{base_url}/c/"
     out = []
     for delivery_id in delivery_ids:
+        tokens_ = signer.click_tokens(delivery_id, parts)
+        urls = dict(zip(targets, [click_base + t for t in tokens_], strict=True))
         out.append(
             plan.render(
-                lambda pos, url, d=delivery_id: tokens.click_url(base_url, signer, d, pos, url),
+                lambda pos, url, urls=urls: urls[pos, url],
                 tokens.open_url(base_url, signer, delivery_id),
                 tokens.honeypot_url(base_url, signer, delivery_id),
             )

@@ -9,6 +9,7 @@ secret verifies, so secrets can be rotated without breaking links already sent.
 from __future__ import annotations
 
 import base64
+import binascii
 import functools
 import hashlib
 import hmac
@@ -53,8 +54,12 @@ def _read_varint(data: bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    """base64url without padding (``urlsafe_b64encode`` less its two Python-level calls)."""
+    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=").decode()
 
 
 def _unb64(text: str) -> bytes:
@@ -68,13 +73,25 @@ class Signer:
         if not secrets:
             raise ValueError("at least one secret is needed")
         self._keys = [hashlib.sha256(s.encode()).digest() for s in secrets]
+        # HMAC-SHA256 of the signing key with its padded key blocks hashed once (RFC 2104;
+        # the key, a SHA-256 digest, is shorter than the 64-byte block): a tag is then two
+        # copies and two updates, ~0.6 us against hmac.digest's ~1.5 us (OpenSSL 3 looks
+        # the digest up and sets the key up again on every call), and the relay mints ~40
+        # tags per copy.
+        block = self._keys[0].ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
 
-    def _tag(self, key: bytes, payload: bytes) -> bytes:
-        # hmac.digest: one call into OpenSSL, several times cheaper than hmac.new(...).digest()
-        return hmac.digest(key, payload, "sha256")[:TAG_BYTES]
+    def _sign(self, payload: bytes) -> bytes:
+        """The tag of ``payload`` under the signing key: ``hmac.digest(key, payload)[:12]``."""
+        inner = self._inner.copy()
+        inner.update(payload)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()[:TAG_BYTES]
 
     def _seal(self, payload: bytes) -> str:
-        return _b64(payload + self._tag(self._keys[0], payload))
+        return _b64(payload + self._sign(payload))
 
     def open_token(self, delivery_id: int) -> str:
         return self._seal(OPEN + _varint(delivery_id))
@@ -83,7 +100,14 @@ class Signer:
         return self._seal(HONEYPOT + _varint(delivery_id))
 
     def click_token(self, delivery_id: int, position: int, url: str) -> str:
-        return self._seal(CLICK + _varint(delivery_id) + _varint(position) + _packed_url(url))
+        return self._seal(CLICK + _varint(delivery_id) + click_part(position, url))
+
+    def click_tokens(self, delivery_id: int, parts: list[bytes]) -> list[str]:
+        """``click_token(delivery_id, position, url)`` for each ``click_part(position, url)``:
+        the copies of a message share their parts, so each copy only signs."""
+        head = CLICK + _varint(delivery_id)
+        sign = self._sign
+        return [_b64(head + part + sign(head + part)) for part in parts]
 
     def verify(self, token: str) -> Token | None:
         """The token's content if its tag verifies under any secret, else None."""
@@ -104,6 +128,11 @@ class Signer:
             return _decode(payload)
         except (ValueError, zlib.error, UnicodeDecodeError):
             return None
+
+
+def click_part(position: int, url: str) -> bytes:
+    """What follows the delivery id in a click token: the same in every copy of a message."""
+    return _varint(position) + _packed_url(url)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -217,6 +217,11 @@ class BatchWriter(Backlog):
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def native_id(self) -> int | None:
+        """The writer thread's id in the kernel (for its scheduling policy), once started."""
+        return self._thread.native_id
+
     # --- writer thread ----------------------------------------------------------------------
 
     def _run(self) -> None:

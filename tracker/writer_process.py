@@ -7,10 +7,11 @@ more than one core between them. In a child process each has an interpreter of i
 
 How the two talk (length-prefixed ``marshal`` frames, both ways; both ends are this code):
 
-- parent -> child: first the pickled settings, then ``(feed_wanted, [hit, ...])`` with the
-  hits queued during ``SEND_INTERVAL``, each a plain tuple in :class:`PendingHit`
+- parent -> child: first the pickled settings, then ``(feed_wanted, pending, [hit, ...])``
+  with the hits queued during ``SEND_INTERVAL``, each a plain tuple in :class:`PendingHit`
   field order (``feed_wanted``: whether anyone follows the live feed, so the child builds
-  notices only when they have a reader).
+  notices only when they have a reader; ``pending``: hits answered and not yet written,
+  by which the child sets its writer thread's CPU priority, :mod:`tracker.priority`).
 - child -> parent: ``(hits written, webhooks queued, notices)`` after each batch is
   committed (or spooled). The parent counts what is still pending from it (``/healthz``,
   back-pressure), hands the notices to the live feed and wakes the webhook sender.
@@ -41,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import config
+from tracker.priority import WriterPriority
 from tracker.writer import BACKLOG_LIMIT, Backlog, BatchWriter, PendingHit
 
 log = logging.getLogger("mailtally.tracker")
@@ -122,7 +124,8 @@ class WriterProcess(Backlog):
         payload = pickle.dumps((self.settings, logging.getLogger().getEffectiveLevel()))
         self.proc.stdin.write(_frame(payload))
         if self._unacked:  # a child that died before writing these: the new one does
-            self.proc.stdin.write(_frame(marshal.dumps((self.feed_wanted(), list(self._unacked)))))
+            hits = list(self._unacked)
+            self.proc.stdin.write(_frame(marshal.dumps((self.feed_wanted(), self.pending, hits))))
         self._reader = asyncio.create_task(self._read_acks(self.proc), name="tracker-writer-acks")
 
     async def _watcher(self) -> None:
@@ -190,7 +193,7 @@ class WriterProcess(Backlog):
         proc = self.proc
         if proc is None or proc.returncode is not None or proc.stdin.is_closing():
             return  # kept in _unacked: the next child gets them
-        proc.stdin.write(_frame(marshal.dumps((self.feed_wanted(), hits))))
+        proc.stdin.write(_frame(marshal.dumps((self.feed_wanted(), self.pending, hits))))
 
     # --- acknowledgements ------------------------------------------------------------------
 
@@ -273,15 +276,20 @@ def main() -> None:
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     writer.start()
+    # Spare CPU only while the backlog is short (tracker.priority); this thread, which
+    # reads the frames and so learns the backlog, keeps the ordinary policy.
+    priority = WriterPriority(writer.native_id)
     committed(0, [], False)  # ready
     while True:
         frame = _read_frame(stdin)
         if frame is None:
             break
-        wanted, hits = marshal.loads(frame)
+        wanted, pending, hits = marshal.loads(frame)
+        priority.follow(pending)
         if wanted:
             feed.set()
         else:
             feed.clear()
         writer.enqueue_many([PendingHit(*h) for h in hits])
+    priority.hurry()
     writer.close(CLOSE_TIMEOUT)

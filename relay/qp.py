@@ -170,6 +170,15 @@ def _encode_line_py(data: bytes, eol: bytes) -> bytes:
 
 def encode(seg: bytes, eol: bytes, soft_end: bool) -> bytes:
     """Decoded ``seg`` (whole lines) as QP lines; ``soft_end``: it continues on the next line."""
+    # The usual groups (an edit's lines, re-encoded for every copy) hold one line break or
+    # none: the same as the loop below, without its split and join.
+    nl = seg.find(b"\n")
+    if nl == -1:  # part of one long line, between two soft breaks
+        if not seg:
+            return b""
+        return _soft_end(encode_line(seg, eol), eol) if soft_end else encode_line(seg, eol)
+    if nl == len(seg) - 1:  # one whole hard line
+        return encode_line(seg[:-1].rstrip(b"\r"), eol) + eol
     out = []
     pieces = seg.split(b"\n")
     last = len(pieces) - 1
@@ -178,10 +187,13 @@ def encode(seg: bytes, eol: bytes, soft_end: bool) -> bytes:
             out.append(encode_line(piece.rstrip(b"\r"), eol) + eol)
         elif piece:
             enc = encode_line(piece, eol)
-            if soft_end:
-                tail = enc.rfind(b"\n") + 1
-                if len(enc) - tail > MAX_QP_LINE - 1:  # no room for the '=': move a char down
-                    enc = enc[:-1] + b"=" + eol + enc[-1:]
-                enc += b"=" + eol
-            out.append(enc)
+            out.append(_soft_end(enc, eol) if soft_end else enc)
     return b"".join(out)
+
+
+def _soft_end(enc: bytes, eol: bytes) -> bytes:
+    """Encoded ``enc`` followed by a soft break (its text continues on the next line)."""
+    tail = enc.rfind(b"\n") + 1
+    if len(enc) - tail > MAX_QP_LINE - 1:  # no room for the '=': move a char down
+        enc = enc[:-1] + b"=" + eol + enc[-1:]
+    return enc + b"=" + eol

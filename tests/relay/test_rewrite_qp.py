@@ -59,3 +59,21 @@ def test_encode_round_trips_within_76_octets(data, eol, soft):
     assert all(len(line) <= 76 for line in out.split(eol))
     assert binascii.a2b_qp(out).replace(eol, b"\n") == seg
     assert quopri.decodestring(out).replace(eol, b"\n") == seg
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.binary(max_size=120).map(lambda b: b.replace(b"\n", b"")), min_size=1, max_size=4),
+    st.sampled_from([b"\r\n", b"\n"]),
+    st.booleans(),
+)
+def test_encode_of_one_line_is_its_share_of_several(lines, eol, soft):
+    """A group of one line (the usual one, encoded per copy without the loop) is encoded as
+    it is inside a group of several lines (the loop), with or without its line break."""
+    whole = b"\n".join(lines)
+    parts = [qp.encode(line + b"\n", eol, soft) for line in lines[:-1]]
+    parts.append(qp.encode(lines[-1], eol, soft))
+    assert qp.encode(whole, eol, soft) == b"".join(parts)
+    assert qp.encode(whole + b"\n", eol, soft) == b"".join(parts[:-1]) + qp.encode(
+        lines[-1] + b"\n", eol, soft
+    )

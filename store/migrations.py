@@ -260,6 +260,7 @@ MIGRATIONS: list[Migration] = [
     ("tracker_0002_lean_event_indexes", TRACKER_LEAN_EVENT_INDEXES),
     ("tracker_0003_contact_index", TRACKER_CONTACT_INDEX),
     ("tracker_0004_batched_email_refresh", report_schema.install_batched_refresh),
+    ("reports_0006_relabel_by_difference", report_schema.recreate_triggers),
 ]
 
 

@@ -249,6 +249,65 @@ def _insert_other_event() -> list[str]:
     ]
 
 
+# An update that changes only an event's verdict or reason (a re-labelling: a burst seen
+# later) leaves it with the same person; every other update may move it to another.
+_SAME_PERSON = """OLD.kind IS NEW.kind AND OLD.inferred IS NEW.inferred AND OLD.at IS NEW.at
+    AND OLD.email_id IS NEW.email_id AND OLD.delivery_id IS NEW.delivery_id
+    AND OLD.contact_id IS NEW.contact_id AND OLD.anonymous IS NEW.anonymous"""
+
+
+def _relabel_event() -> list[str]:
+    """A re-labelled event: its person's row moves by the difference (one row, whatever the
+    size of the email). Recomputing the row read every event of the email, ~0.2 s per
+    re-labelling for a 20,000-recipient newsletter. Only when a human open that was the
+    person's first or last stops being human are the first and last open read again."""
+    x, t = _EMAIL.format(e="NEW"), _TARGET.format(e="NEW")
+    row = f"email_id = {x} AND target = {t}"
+    was, now = (
+        "(OLD.kind = 'open' AND OLD.verdict = 'human')",
+        "(NEW.kind = 'open' AND NEW.verdict = 'human')",
+    )
+
+    def diff(kind: str, verdict: str, extra: str = "") -> str:
+        old = f"(OLD.kind = '{kind}' AND OLD.verdict = '{verdict}'{extra.format(e='OLD')})"
+        new = f"(NEW.kind = '{kind}' AND NEW.verdict = '{verdict}'{extra.format(e='NEW')})"
+        return f"{new} - {old}"
+
+    counts = {
+        "opens": diff("open", "human"),
+        "clicks": diff("click", "human"),
+        "inferred_opens": diff("open", "human", " AND {e}.inferred"),
+        "replies": diff("reply", "human"),
+        "machine_opens": diff("open", "machine"),
+        "machine_clicks": diff("click", "machine"),
+        "self_opens": diff("open", "self"),
+        "self_clicks": diff("click", "self"),
+    }
+    sets = ",\n    ".join(f"{c} = {c} + {d}" for c, d in counts.items())
+    reason = "verdict = {e}.verdict AND reason = {e}.reason"
+    changed = "(OLD.verdict IS NOT NEW.verdict OR OLD.reason IS NOT NEW.reason)"
+    return [
+        f"""UPDATE report_people SET {sets},
+    first_open_at = CASE WHEN {now} AND NOT {was}
+        AND (first_open_at IS NULL OR NEW.at < first_open_at) THEN NEW.at ELSE first_open_at END,
+    last_open_at = CASE WHEN {now} AND NOT {was}
+        AND (last_open_at IS NULL OR NEW.at > last_open_at) THEN NEW.at ELSE last_open_at END
+    WHERE {row}""",
+        f"""UPDATE report_people SET (first_open_at, last_open_at) = (
+        SELECT min(ev.at), max(ev.at) FROM events ev
+        WHERE {_EVENTS_OF.format(x=x)} AND ev.kind = 'open' AND ev.verdict = 'human'
+            AND {_TARGET.format(e="ev")} = {t})
+    WHERE {row} AND {was} AND NOT {now} AND (first_open_at = OLD.at OR last_open_at = OLD.at)""",
+        f"""UPDATE report_reasons SET n = n - 1
+    WHERE {row} AND {reason.format(e="OLD")} AND {_OTHER.format(e="OLD")} AND {changed}""",
+        f"DELETE FROM report_reasons WHERE {row} AND n <= 0",
+        f"""INSERT INTO report_reasons (email_id, target, verdict, reason, n)
+    SELECT {x}, {t}, NEW.verdict, NEW.reason, 1
+    WHERE {x} IS NOT NULL AND {_OTHER.format(e="NEW")} AND {changed}
+    ON CONFLICT (email_id, target, verdict, reason) DO UPDATE SET n = n + 1""",
+    ]
+
+
 def _trigger(name: str, when: str, table: str, statements: list[str], cond: str = "") -> str:
     body = ";\n".join(statements)
     where = f" WHEN {cond}" if cond else ""
@@ -258,6 +317,10 @@ def _trigger(name: str, when: str, table: str, statements: list[str], cond: str 
 def _source(x: str) -> str:
     return f"(SELECT e.source FROM emails e WHERE e.id = {x})"
 
+
+_EVENT_PERSON_COLUMNS = (
+    "kind, inferred, at, email_id, delivery_id, contact_id, anonymous, verdict, reason"
+)
 
 TRIGGERS = [
     _trigger("reports_events_insert", "AFTER INSERT", "events", _insert_event(), _NOT_BATCHED),
@@ -271,10 +334,17 @@ TRIGGERS = [
     _trigger("reports_events_delete", "AFTER DELETE", "events", _recompute_event("OLD")),
     _trigger(
         "reports_events_update",
-        "AFTER UPDATE OF kind, inferred, at, email_id, delivery_id, contact_id, anonymous, "
-        "verdict, reason",
+        f"AFTER UPDATE OF {_EVENT_PERSON_COLUMNS}",
         "events",
         [*_recompute_event("OLD"), *_recompute_event("NEW")],
+        f"NOT ({_SAME_PERSON})",
+    ),
+    _trigger(
+        "reports_events_relabel",
+        f"AFTER UPDATE OF {_EVENT_PERSON_COLUMNS}",
+        "events",
+        _relabel_event(),
+        _SAME_PERSON,
     ),
     _trigger(
         "reports_deliveries_insert",

@@ -334,11 +334,10 @@ def render_copies(settings, plan, delivery_ids) -> list[bytes]:
     base_url = settings.tracker.base_url
     targets = plan.click_targets
     parts = [tokens.click_part(position, url) for position, url in targets]
-    click_base = f"{base_url}/c/"
     out = []
     for delivery_id in delivery_ids:
-        tokens_ = signer.click_tokens(delivery_id, parts)
-        urls = dict(zip(targets, [click_base + t for t in tokens_], strict=True))
+        minted = tokens.click_urls(base_url, signer, delivery_id, parts)
+        urls = dict(zip(targets, minted, strict=True))
         out.append(
             plan.render(
                 lambda pos, url, urls=urls: urls[pos, url],

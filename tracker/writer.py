@@ -455,9 +455,9 @@ class BatchWriter(Backlog):
             # after that, on top (both add up: recomputed + held).
             stored, changed_rows = batch.relabel_held(verdict.relabel, "machine", verdict.reason)
             if stored:
-                # The batch re-renders the emails' report entries once, at its end.
+                # Not re-rendered per call: the re-labelled events are this copy's, and the
+                # hit's own event puts its email among those the batch re-renders at its end.
                 done = store_events.relabel(db, stored, "machine", verdict.reason, refresh=False)
-                batch.emails.update(c["email_id"] for c in done if c["email_id"])
                 changed_rows = done + changed_rows
             batch.relabelled(changed_rows)
         if not batch.listened(ctx["user_id"], self._global_webhooks):

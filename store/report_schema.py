@@ -318,7 +318,8 @@ def _source(x: str) -> str:
     return f"(SELECT e.source FROM emails e WHERE e.id = {x})"
 
 
-_EVENT_PERSON_COLUMNS = (
+# The events columns a summary row depends on (an update of any of them fires a trigger).
+_EVENT_SUMMARY_COLUMNS = (
     "kind, inferred, at, email_id, delivery_id, contact_id, anonymous, verdict, reason"
 )
 
@@ -334,14 +335,14 @@ TRIGGERS = [
     _trigger("reports_events_delete", "AFTER DELETE", "events", _recompute_event("OLD")),
     _trigger(
         "reports_events_update",
-        f"AFTER UPDATE OF {_EVENT_PERSON_COLUMNS}",
+        f"AFTER UPDATE OF {_EVENT_SUMMARY_COLUMNS}",
         "events",
         [*_recompute_event("OLD"), *_recompute_event("NEW")],
         f"NOT ({_SAME_PERSON})",
     ),
     _trigger(
         "reports_events_relabel",
-        f"AFTER UPDATE OF {_EVENT_PERSON_COLUMNS}",
+        f"AFTER UPDATE OF {_EVENT_SUMMARY_COLUMNS}",
         "events",
         _relabel_event(),
         _SAME_PERSON,

@@ -247,6 +247,10 @@ DROP INDEX idx_events_contact;
 CREATE INDEX idx_events_contact ON events(contact_id) WHERE contact_id IS NOT NULL;
 """
 
+# No query looks events up by time alone (the burst rules' recent hits go by copy, reports
+# by email, sent time or contact), and a text key made it the dearest index per insert.
+TRACKER_NO_TIME_INDEX = "DROP INDEX idx_events_at;"
+
 MIGRATIONS: list[Migration] = [
     ("0001_core_schema", CORE_SCHEMA),
     ("0002_report_indexes", REPORT_INDEXES),
@@ -261,6 +265,7 @@ MIGRATIONS: list[Migration] = [
     ("tracker_0003_contact_index", TRACKER_CONTACT_INDEX),
     ("tracker_0004_batched_email_refresh", report_schema.install_batched_refresh),
     ("reports_0006_relabel_by_difference", report_schema.recreate_triggers),
+    ("tracker_0005_no_time_index", TRACKER_NO_TIME_INDEX),
 ]
 
 

@@ -157,6 +157,48 @@ def test_a_copy_deleted_while_the_writer_runs_is_read_again(settings, db):
     assert [tuple(r) for r in rows] == [(None, None)]
 
 
+def _tails_fresh(db, email_ids: list[int]) -> list[bool]:
+    """Whether each email's cached report entry is what rendering it now gives."""
+    out = []
+    for email_id in email_ids:
+        cached = db.execute("SELECT tail FROM report_emails WHERE email_id = ?", [email_id])
+        fresh = db.execute(f"SELECT ({report_schema.tail_sql(str(email_id))})").fetchone()[0]
+        out.append(json.loads(cached.fetchone()[0]) == json.loads(fresh))
+    return out
+
+
+def test_report_entries_wait_while_hits_queue_and_are_exact_once_none_does(settings, db):
+    """While hits wait in the queue a batch leaves its emails' report entries for later (at
+    most ``refresh_seconds``); the first batch after which none waits re-renders them all,
+    those of earlier batches included."""
+    user = store_users.add_user(db, "alice@seller.example", "Alice", None)
+    emails = [_two_copies(db, user, n) for n in (1, 2, 3)]
+    ids = [e for e, _, _ in emails]
+    writer = BatchWriter(settings, service.build_rules(settings))  # not started: _write by hand
+    now = time.time() - 60
+
+    def hit(n: int, at: float) -> PendingHit:
+        return PendingHit("open", emails[n][1][0], None, "", "GET", AGENTS[0], "198.51.100.1", at)
+
+    wdb = store.connect(settings.db_path)
+    writer._refreshed = time.monotonic()
+    writer.enqueue(hit(2, now + 10))  # a hit waiting: the queue is not empty
+    writer._write(wdb, [hit(0, now)])
+    assert _tails_fresh(db, ids) == [False, True, True]
+    writer.refresh_seconds = 0.0  # a second has passed: re-rendered though hits still wait
+    writer._write(wdb, [hit(1, now + 1)])
+    assert _tails_fresh(db, ids) == [True, True, True]
+    writer.refresh_seconds = 3600.0
+    writer._write(wdb, [hit(0, now + 2)])
+    writer._write(wdb, [hit(1, now + 3)])
+    assert _tails_fresh(db, ids) == [False, False, True]
+    writer._queue.get_nowait()  # nothing waits any more
+    writer._write(wdb, [hit(2, now + 4)])
+    assert _tails_fresh(db, ids) == [True, True, True]
+    wdb.close()
+    check(db, ids)
+
+
 def test_event_times_are_the_text_store_to_iso_makes():
     """The writer's cached-seconds ``_iso`` gives what ``store.to_iso`` of a datetime gives,
     microseconds rounded the same way (up into the next second included)."""

@@ -165,24 +165,21 @@ def test_rendering_is_pixel_identical(chromium):
 
     page = new_page()
 
+    def shoot(html: str) -> bytes:
+        page.set_content(html, wait_until="load")
+        return page.screenshot(full_page=True, animations="disabled")
+
     def screenshots(*htmls: str) -> list[bytes]:
         """Each HTML rendered in turn. A page closed under us (its renderer died: seen once in
         a full CI run, never again in isolation) is replaced and the set taken again, once."""
         nonlocal page
-        for attempt in (1, 2):
-            try:
-                out = []
-                for html in htmls:
-                    page.set_content(html, wait_until="load")
-                    out.append(page.screenshot(full_page=True, animations="disabled"))
-                return out
-            except PlaywrightError:
-                if attempt == 2:
-                    raise
-                with contextlib.suppress(PlaywrightError):
-                    page.close()
-                page = new_page()
-        raise AssertionError("unreachable")
+        try:
+            return [shoot(html) for html in htmls]
+        except PlaywrightError:
+            with contextlib.suppress(PlaywrightError):
+                page.close()
+            page = new_page()
+            return [shoot(html) for html in htmls]
 
     different = []
     for path in TEMPLATES:

@@ -111,12 +111,17 @@ def test_random_batches_keep_reports_and_contacts_exact(settings, db):
             assert before[a][col] == after[col], (a, col)
     assert db.execute("SELECT COUNT(*) FROM report_batch").fetchone()[0] == 0
     # The cached report entries (re-rendered once per email and batch) match a fresh render.
+    assert _tails_fresh(db, email_ids) == [True] * len(email_ids)
+
+
+def _tails_fresh(db, email_ids: list[int]) -> list[bool]:
+    """Whether each email's cached report entry is what rendering it now gives."""
+    out = []
     for email_id in email_ids:
-        cached = db.execute(
-            "SELECT tail FROM report_emails WHERE email_id = ?", [email_id]
-        ).fetchone()[0]
+        cached = db.execute("SELECT tail FROM report_emails WHERE email_id = ?", [email_id])
         fresh = db.execute(f"SELECT ({report_schema.tail_sql(str(email_id))})").fetchone()[0]
-        assert json.loads(cached) == json.loads(fresh), email_id
+        out.append(json.loads(cached.fetchone()[0]) == json.loads(fresh))
+    return out
 
 
 def _one_copy(db) -> tuple[dict, int]:
@@ -155,16 +160,6 @@ def test_a_copy_deleted_while_the_writer_runs_is_read_again(settings, db):
         writer.close()
     rows = db.execute("SELECT delivery_id, email_id FROM events WHERE inferred = 0").fetchall()
     assert [tuple(r) for r in rows] == [(None, None)]
-
-
-def _tails_fresh(db, email_ids: list[int]) -> list[bool]:
-    """Whether each email's cached report entry is what rendering it now gives."""
-    out = []
-    for email_id in email_ids:
-        cached = db.execute("SELECT tail FROM report_emails WHERE email_id = ?", [email_id])
-        fresh = db.execute(f"SELECT ({report_schema.tail_sql(str(email_id))})").fetchone()[0]
-        out.append(json.loads(cached.fetchone()[0]) == json.loads(fresh))
-    return out
 
 
 def test_report_entries_wait_while_hits_queue_and_are_exact_once_none_does(settings, db):
